@@ -1,0 +1,126 @@
+"""Autoregressive generation: prefill the prompt into the per-layer caches, then one-token steps.
+
+Every layer keeps its own decoding state in the model's 'cache' collection: keys and values for
+attention, (conv state, SSM state) for Mamba. `generate` compiles prefill plus a `lax.while_loop`
+of decode steps into one program; `generate_uncached` recomputes the whole sequence for every new
+token, the reference the cache must reproduce token for token (and the baseline it beats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from model import LM
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f'temperature must be >= 0, got {self.temperature}')
+    if self.top_k < 0:
+      raise ValueError(f'top_k must be >= 0, got {self.top_k}')
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
+
+
+def sample_logits(logits_BxV, rng, sampling: Sampling):
+  """One token per row: argmax at temperature 0, else a draw from the tempered distribution
+  restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits = logits_BxV.astype(jnp.float32) / sampling.temperature
+  if sampling.top_k:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p < 1.0:
+    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs     # mass of the strictly more likely tokens
+    kept = jnp.where(before < sampling.top_p, sorted_desc, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def init_cache(model: LM, batch: int, length: int):
+  """Zeroed decoding state for `batch` sequences of up to `length` tokens."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, length),
+                                                                          jnp.int32), decode=True))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['cache'])
+
+
+def _positions(start, batch: int, length: int):
+  return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'sampling', 'eos_id'))
+def generate(model: LM, params, prompt_BxT, rng, *, max_new_tokens: int,
+             sampling: Sampling = Sampling(), eos_id: int | None = None):
+  """(tokens (B, T + max_new_tokens), number of new tokens). After a row's end token (eos_id) the
+  row repeats it; generation stops early once every row has ended."""
+  B, T = prompt_BxT.shape
+  cache = init_cache(model, B, T + max_new_tokens)
+  logits, state = model.apply({'params': params, 'cache': cache}, prompt_BxT,
+                              _positions(0, B, T), decode=True, last_only=True,
+                              mutable=['cache'])
+  fill = 0 if eos_id is None else eos_id
+  tokens = jnp.full((B, T + max_new_tokens), fill, jnp.int32).at[:, :T].set(prompt_BxT)
+
+  def keep_going(carry):
+    i, _, _, _, _, done = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def decode_step(carry):
+    i, tokens, cache, logits, rng, done = carry
+    rng, key = jax.random.split(rng)
+    token_B = sample_logits(logits[:, -1], key, sampling)
+    if eos_id is not None:
+      token_B = jnp.where(done, eos_id, token_B)
+      done = done | (token_B == eos_id)
+    tokens = tokens.at[:, T + i].set(token_B)
+    logits, state = model.apply({'params': params, 'cache': cache}, token_B[:, None],
+                                _positions(T + i, B, 1), decode=True, mutable=['cache'])
+    return i + 1, tokens, state['cache'], logits, rng, done
+
+  carry = (jnp.int32(0), tokens, state['cache'], logits, rng, jnp.zeros((B,), bool))
+  i, tokens, *_ = jax.lax.while_loop(keep_going, decode_step, carry)
+  return tokens, i
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'sampling', 'eos_id'))
+def generate_uncached(model: LM, params, prompt_BxT, rng, *, max_new_tokens: int,
+                      sampling: Sampling = Sampling(), eos_id: int | None = None):
+  """The same as `generate`, recomputing the full forward pass over the whole buffer for every
+  token (causality makes the not-yet-written tail irrelevant)."""
+  B, T = prompt_BxT.shape
+  fill = 0 if eos_id is None else eos_id
+  tokens = jnp.full((B, T + max_new_tokens), fill, jnp.int32).at[:, :T].set(prompt_BxT)
+
+  def keep_going(carry):
+    i, _, _, done = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def step(carry):
+    i, tokens, rng, done = carry
+    rng, key = jax.random.split(rng)
+    logits = model.apply({'params': params}, tokens)
+    last = jax.lax.dynamic_index_in_dim(logits, T + i - 1, axis=1, keepdims=False)
+    token_B = sample_logits(last, key, sampling)
+    if eos_id is not None:
+      token_B = jnp.where(done, eos_id, token_B)
+      done = done | (token_B == eos_id)
+    return i + 1, tokens.at[:, T + i].set(token_B), rng, done
+
+  i, tokens, _, _ = jax.lax.while_loop(keep_going, step,
+                                       (jnp.int32(0), tokens, rng, jnp.zeros((B,), bool)))
+  return tokens, i

@@ -1,0 +1,55 @@
+"""Loads a trained run from its work directory for evaluation and sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from model import LM, ModelConfig
+from train import checkpoint as ckpt_lib
+from train import mesh as mesh_lib
+from train import tokenizers, workdir as workdir_lib
+from train.loop import abstract_params
+
+
+@dataclasses.dataclass
+class TrainedRun:
+  config: ml_collections.ConfigDict
+  model_cfg: ModelConfig
+  model: LM
+  tokenizer: tokenizers.Tokenizer
+  params: dict
+  step: int
+  mesh: object
+
+
+def load_run(workdir: str, step: int | None = None) -> TrainedRun:
+  """The run's config, tokenizer and parameters at `step` (default: the latest checkpoint)."""
+  config = workdir_lib.load_config(workdir)
+  if config is None:
+    raise workdir_lib.RunError(f'{workdir} holds no run (no {workdir_lib.CONFIG_FILE}); train one '
+                               f'with python -m train --workdir={workdir}')
+  tokenizer = tokenizers.load(f'{workdir}/tokenizer')
+  model_cfg = workdir_lib.resolve_model_config(config.model, tokenizer.vocab_size)
+  model = LM(model_cfg)
+  mesh = mesh_lib.make_mesh(config.mesh) if _fits(config.mesh) else mesh_lib.make_mesh(
+      {'data': -1, 'fsdp': 1, 'tensor': 1, 'expert': 1})
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise workdir_lib.RunError(f'{workdir} has no checkpoint yet; train longer than '
+                               f'train.checkpoint_every steps or until the end')
+  params, _, _ = checkpointer.restore(step, abstract_params(model, mesh))
+  checkpointer.close()
+  return TrainedRun(config, model_cfg, model, tokenizer, params, step, mesh)
+
+
+def _fits(mesh_cfg) -> bool:
+  """Whether the training mesh fits the devices here; if not, evaluation uses plain data
+  parallelism (parameters are resharded on restore)."""
+  try:
+    mesh_lib.make_mesh(mesh_cfg)
+    return True
+  except mesh_lib.MeshError:
+    return False

@@ -1,0 +1,75 @@
+"""python -m eval.sample --workdir=DIR --prompt="ROMEO:" [--temperature --top_k --top_p
+--max_new_tokens --num_samples --seed --stop]
+
+Prints the prompt and its continuation, generated with the KV cache (per-layer decoding state).
+Temperature 0 is greedy and deterministic.
+"""
+
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
+flags.DEFINE_string('prompt', '\n', 'Text to continue.')
+flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
+flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0: all.')
+flags.DEFINE_float('top_p', 1.0, 'Sample among the smallest set of tokens with this much '
+                   'probability (nucleus); 1: all.')
+flags.DEFINE_integer('max_new_tokens', 500, 'Tokens to generate at most.')
+flags.DEFINE_integer('num_samples', 1, 'Continuations to generate (one batch).')
+flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+flags.DEFINE_string('stop', None, 'Stop a sample at this token (text that encodes to one '
+                    'token, e.g. "\\n"); default: the tokenizer\'s end-of-text, if it has one.')
+flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from eval.decode import Sampling, generate
+  from eval.restore import load_run
+  from model.config import check_context
+  from train.errors import USER_ERRORS, quiet_libraries
+  from train.tokenizers import TokenizerError
+  quiet_libraries()
+  f = flags.FLAGS
+  try:
+    sampling = Sampling(f.temperature, f.top_k, f.top_p)
+    run = load_run(f.workdir)
+    if not f.prompt:
+      raise TokenizerError('the prompt is empty; give at least one character to continue')
+    prompt = run.tokenizer.encode(f.prompt)
+    check_context(run.model_cfg, len(prompt) + f.max_new_tokens,
+                  'the prompt plus --max_new_tokens')
+    model = run.model
+    context = run.config.data.seq_len
+    if len(prompt) + f.max_new_tokens > context and not run.model_cfg.attention_window:
+      # Past its training context a model meets position offsets it never saw; like nanoGPT's
+      # cropping, attend to the last `context` tokens only.
+      model = type(model)(run.model_cfg.replace(attention_window=context))
+    stop = run.tokenizer.eos_id
+    if f.stop is not None:
+      ids = run.tokenizer.encode(f.stop.encode().decode('unicode_escape'))
+      if len(ids) != 1:
+        raise TokenizerError(f'--stop={f.stop!r} encodes to {len(ids)} tokens; it must be one')
+      stop = int(ids[0])
+  except (ValueError, *USER_ERRORS) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  prompts = jnp.asarray(np.tile(prompt[None], (f.num_samples, 1)), jnp.int32)
+  tokens, _ = generate(model, run.params, prompts, jax.random.key(f.seed),
+                       max_new_tokens=f.max_new_tokens, sampling=sampling, eos_id=stop)
+  for row in np.asarray(tokens):
+    new = row[len(prompt):].tolist()
+    if stop is not None and stop in new:
+      new = new[:new.index(stop) + (0 if stop == run.tokenizer.eos_id else 1)]
+    print(f.prompt + run.tokenizer.decode(new))
+    if f.num_samples > 1:
+      print('-' * 40)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Experiments: configs (experiments/configs/*.py) and the drivers that sweep, fit and plot."""

@@ -1,0 +1,90 @@
+"""Defaults every config starts from. Each section is overridable from the command line:
+
+  python -m train --config=experiments/configs/shakespeare_char.py --workdir=/tmp/run \
+      --config.model.pattern='attn:mlp,attn:moe' --config.train.num_steps=500
+"""
+
+import dataclasses
+import os
+import typing
+
+from ml_collections import ConfigDict, config_dict
+
+from model.config import ModelConfig
+
+# ../shared/data beside the project root: read-only data that tests, CI and benchmarks use.
+SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), '..', '..', '..',
+                                            'shared', 'data'))
+TINY_SHAKESPEARE = os.path.join(SHARED_DATA, 'tinyshakespeare', 'input.txt')
+
+
+def _section(obj) -> ConfigDict:
+  """A dataclass instance as a ConfigDict; None fields become typed placeholders, so that
+  `--config.model.d_ff=512` can set a field whose default is None."""
+  hints = typing.get_type_hints(type(obj))
+  out = ConfigDict()
+  for field in dataclasses.fields(obj):
+    value = getattr(obj, field.name)
+    if dataclasses.is_dataclass(value):
+      out[field.name] = _section(value)
+    elif value is None:
+      kind = next(a for a in typing.get_args(hints[field.name]) if a is not type(None))
+      out[field.name] = config_dict.placeholder(kind)
+    else:
+      out[field.name] = value
+  return out
+
+
+def model_config(**overrides) -> ConfigDict:
+  """All ModelConfig fields. vocab_size 0 means 'the tokenizer's vocabulary size'."""
+  section = _section(ModelConfig())
+  section.vocab_size = 0
+  section.update(overrides)
+  return section
+
+
+def get_config() -> ConfigDict:
+  c = ConfigDict()
+  c.model = model_config()
+
+  c.data = ConfigDict(dict(
+      path='',                  # a text file or a directory of *.txt files (TFDS manual dir)
+      tfds_name='',             # or a TFDS catalog dataset, e.g. 'lm1b'
+      tfds_fallback='',         # catalog dataset to use when `path` does not exist
+      tfds_data_dir='',         # where TFDS prepares datasets; '' is TFDS's default
+      text_key='text',          # the text feature of a catalog dataset
+      train_split='train',
+      val_split='validation',
+      val_fraction=0.1,         # for `path` corpora: the last 10% of each file's characters
+      tokenizer='char',         # char | byte | bpe | unigram
+      vocab_size=0,             # for bpe / unigram
+      seq_len=256,              # training context length
+  ))
+
+  c.train = ConfigDict(dict(
+      num_steps=1000,
+      batch_size=32,            # global batch, in sequences
+      grad_accum_steps=1,       # micro-batches per step (the batch is split, gradients summed)
+      lr=1e-3,
+      min_lr=1e-4,              # learning rate at the end of the decay
+      warmup_steps=100,
+      schedule='cosine',        # cosine | linear | constant (after linear warmup)
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      weight_decay_exclude=('scale', 'bias', 'A_log', 'D'),  # names of parameters never decayed
+      grad_clip=1.0,            # global-norm clipping; 0 disables
+      seed=0,
+      steps_per_call=10,        # train steps per compiled call (lax.scan): less dispatch overhead
+      log_every=50,
+      eval_every=250,
+      eval_batches=20,          # batches per periodic eval; the final eval reads the whole split
+      eval_batch_size=64,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      peak_flops=0.0,           # device peak for MFU; 0 measures a matmul at start-up
+  ))
+
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))  # -1: the remaining devices
+  return c

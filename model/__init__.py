@@ -1,0 +1,11 @@
+"""nexttoken's model: a decoder-only LM assembled from a block pattern.
+
+Importing the package registers every mixer and feed-forward with `model.blocks`.
+"""
+
+from model import attention, ffn  # noqa: F401  (registers 'attn' and 'mlp')
+from model.config import ConfigError, ModelConfig
+from model.counting import count_params, training_flops_per_token
+from model.lm import LM
+
+__all__ = ['LM', 'ModelConfig', 'ConfigError', 'count_params', 'training_flops_per_token']

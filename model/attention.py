@@ -1,0 +1,88 @@
+"""Causal self-attention with grouped-query heads on `jax.nn.dot_product_attention`.
+
+`num_kv_heads` equal to `num_heads` is multi-head attention, 1 is multi-query, between is GQA:
+`jax.nn.dot_product_attention` takes K kv heads against H query heads directly. Its
+`implementation` is the config's `attention_impl` ('xla' everywhere, 'cudnn' on NVIDIA GPUs with
+bfloat16). `attention_window` W > 0 makes it sliding-window attention: each token sees itself and
+the W - 1 tokens before it. In decode mode, keys and values go to a cache of fixed length S in the 'cache'
+collection; each call writes its T new entries at the cache index and attends over the cache.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model import positions
+from model.blocks import register_mixer
+from model.config import ModelConfig
+from model.layers import ACT_BLHD, dense, head_rmsnorm, output_std
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token of the score and value products (PaLM's 12 * L * H * Q * T per
+  layer): 2 * T * H * Dh for q.k and as much for p.v, times 3 for forward + backward. The causal
+  mask's skipped half is counted too, as PaLM and nanoGPT count it."""
+  return 12.0 * seq_len * cfg.num_heads * cfg.dh
+
+
+@register_mixer('attn', default_ffn='mlp', extra_flops_per_token=attention_flops_per_token)
+class Attention(nn.Module):
+  config: ModelConfig
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL):
+    cfg = self.config
+    H, K, Dh = cfg.num_heads, cfg.kv_heads, cfg.dh
+    q_BxLxHxDh = dense(cfg, (H, Dh), ('embed', 'heads', 'kv'), 'query')(x_BxLxD)
+    k_BxLxKxDh = dense(cfg, (K, Dh), ('embed', 'kv_heads', 'kv'), 'key')(x_BxLxD)
+    v_BxLxKxDh = dense(cfg, (K, Dh), ('embed', 'kv_heads', 'kv'), 'value')(x_BxLxD)
+    if cfg.qk_norm:
+      q_BxLxHxDh = head_rmsnorm(cfg, 'query_norm')(q_BxLxHxDh)
+      k_BxLxKxDh = head_rmsnorm(cfg, 'key_norm')(k_BxLxKxDh)
+    if cfg.position == 'rope':
+      q_BxLxHxDh = positions.rope(q_BxLxHxDh, positions_BxL, cfg.rope_base)
+      k_BxLxKxDh = positions.rope(k_BxLxKxDh, positions_BxL, cfg.rope_base)
+    q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ACT_BLHD)
+
+    q_pos_BxL = k_pos_BxS = positions_BxL
+    mask = None
+    window = cfg.attention_window or None
+    if self.decode and self.has_variable('cache', 'cached_key'):
+      k_BxLxKxDh, v_BxLxKxDh, q_pos_BxL, k_pos_BxS = self._update_cache(k_BxLxKxDh, v_BxLxKxDh)
+      offset_BxTxS = q_pos_BxL[:, :, None] - k_pos_BxS[:, None, :]
+      mask = (offset_BxTxS >= 0) & (offset_BxTxS < (window or offset_BxTxS.shape[-1] + 1))
+      mask = mask[:, None]                                                  # (B, 1, T, S)
+    elif self.decode:  # `init` in decode mode: create the cache at this call's length
+      self._update_cache(k_BxLxKxDh, v_BxLxKxDh)
+    bias = None
+    if cfg.position == 'alibi':
+      bias = positions.alibi_bias(q_pos_BxL, k_pos_BxS, H).astype(q_BxLxHxDh.dtype)
+    out_BxLxHxDh = jax.nn.dot_product_attention(
+        q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias=bias, mask=mask, is_causal=mask is None,
+        local_window_size=(window - 1, 0) if window and mask is None else None,
+        implementation=cfg.attention_impl)
+    return dense(cfg, cfg.d_model, ('heads', 'kv', 'embed'), 'out', std=output_std(cfg),
+                 in_axis=(-2, -1))(out_BxLxHxDh)
+
+  def _update_cache(self, k_BxTxKxDh, v_BxTxKxDh):
+    """Writes T new keys and values at the cache index; returns the whole cache (S slots), the
+    new tokens' positions (B, T) and the slots' positions (B, S). Slot s holds position s."""
+    initialised = self.has_variable('cache', 'cached_key')
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros, k_BxTxKxDh.shape, k_BxTxKxDh.dtype)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros, v_BxTxKxDh.shape, v_BxTxKxDh.dtype)
+    index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+    if not initialised:
+      return None
+    B, T = k_BxTxKxDh.shape[:2]
+    S = cached_k.value.shape[1]
+    start = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxTxKxDh, (0, start, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxTxKxDh, (0, start, 0, 0))
+    index.value = start + T
+    q_pos_BxT = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+    k_pos_BxS = jnp.broadcast_to(jnp.arange(S), (B, S))
+    return cached_k.value, cached_v.value, q_pos_BxT, k_pos_BxS

@@ -1,0 +1,194 @@
+"""The block pattern: a registry of mixers and feed-forwards, the pattern parser, and the stack.
+
+A pattern lists one (mixer, feed-forward) pair per layer:
+
+    attn*4                      four attention layers, each with its default feed-forward (mlp)
+    attn:mlp,attn:moe           dense then MoE feed-forward
+    mamba,mamba,mamba,attn      Jamba-like hybrid (mamba's default feed-forward is none)
+    (mamba*3,attn:moe)*2        groups repeat too
+
+Layer modules register themselves by name (`@register_mixer('attn', default_ffn='mlp')`), so a new
+mixer or feed-forward is one new file and one import in `model/__init__.py`; the stack never changes.
+
+Every layer module is built as `Cls(config=..., decode=..., deterministic=..., name=...)`; mixers
+are called as `mixer(x_BxLxD, positions_BxL)` and feed-forwards as `ffn(x_BxLxD)`, both returning
+(B, L, D). With `decode=True` a layer keeps its state in the 'cache' collection (created at
+`init` with the full cache length, then updated one call at a time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import flax.linen as nn
+import jax
+
+from model.config import ConfigError, ModelConfig
+from model.layers import ACT_BLD, Norm
+
+# Collections that layers write besides 'params' and 'cache'.
+AUX_LOSS = 'aux_loss'   # scalars summed into the training loss (e.g. MoE load balancing)
+METRICS = 'metrics'     # per-layer diagnostics written to metrics.jsonl (e.g. expert shares)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+  module: type[nn.Module]
+  default_ffn: str
+  # Training FLOPs per token that 6 * params does not count (attention scores, scans); see counting.
+  extra_flops_per_token: Callable[[ModelConfig, int], float]
+
+
+MIXERS: dict[str, MixerSpec] = {}
+FFNS: dict[str, type[nn.Module] | None] = {'none': None}
+
+
+def register_mixer(name: str, *, default_ffn: str,
+                   extra_flops_per_token: Callable[[ModelConfig, int], float] = lambda c, l: 0.0):
+  def register(cls):
+    MIXERS[name] = MixerSpec(cls, default_ffn, extra_flops_per_token)
+    return cls
+  return register
+
+
+def register_ffn(name: str):
+  def register(cls):
+    FFNS[name] = cls
+    return cls
+  return register
+
+
+_TOKEN = re.compile(r'\s*(\(|\)|,|\*\s*\d+|[A-Za-z_][A-Za-z0-9_]*(?::[A-Za-z_][A-Za-z0-9_]*)?)')
+
+
+def parse_pattern(pattern: str) -> tuple[tuple[str, str], ...]:
+  """'mamba*2,attn:moe' -> (('mamba', 'none'), ('mamba', 'none'), ('attn', 'moe'))."""
+  tokens, pos, text = [], 0, pattern.strip()
+  while pos < len(text):
+    m = _TOKEN.match(text, pos)
+    if not m:
+      raise ConfigError(f'model.pattern={pattern!r}: cannot parse at {text[pos:]!r}; write entries '
+                        f'like "attn*4", "attn:mlp,attn:moe" or "(mamba*3,attn)*2"')
+    tokens.append(m.group(1).replace(' ', ''))
+    pos = m.end()
+
+  def parse_seq(i):
+    layers = []
+    while True:
+      if i < len(tokens) and tokens[i] == '(':
+        group, i = parse_seq(i + 1)
+        if i >= len(tokens) or tokens[i] != ')':
+          raise ConfigError(f'model.pattern={pattern!r}: unbalanced parentheses')
+        i += 1
+      elif i < len(tokens) and (tokens[i][0].isalpha() or tokens[i][0] == '_'):
+        group, i = [_entry(tokens[i], pattern)], i + 1
+      else:
+        raise ConfigError(f'model.pattern={pattern!r}: expected a layer name or "(" at token '
+                          f'{tokens[i] if i < len(tokens) else "end"!r}')
+      if i < len(tokens) and tokens[i].startswith('*'):
+        count = int(tokens[i][1:])
+        if count < 1:
+          raise ConfigError(f'model.pattern={pattern!r}: repeat counts must be >= 1')
+        group, i = group * count, i + 1
+      layers += group
+      if i < len(tokens) and tokens[i] == ',':
+        i += 1
+        continue
+      return layers, i
+
+  if not tokens:
+    raise ConfigError('model.pattern is empty; give at least one layer, e.g. "attn*4"')
+  layers, i = parse_seq(0)
+  if i != len(tokens):
+    raise ConfigError(f'model.pattern={pattern!r}: unexpected {tokens[i]!r}')
+  return tuple(layers)
+
+
+def _entry(token: str, pattern: str) -> tuple[str, str]:
+  mixer, _, ffn = token.partition(':')
+  if mixer not in MIXERS:
+    raise ConfigError(f'model.pattern={pattern!r}: unknown mixer {mixer!r}; registered mixers are '
+                      f'{sorted(MIXERS)}')
+  ffn = ffn or MIXERS[mixer].default_ffn
+  if ffn not in FFNS:
+    raise ConfigError(f'model.pattern={pattern!r}: unknown feed-forward {ffn!r}; registered '
+                      f'feed-forwards are {sorted(FFNS)}')
+  return mixer, ffn
+
+
+def runs(layers: tuple[tuple[str, str], ...]) -> list[tuple[int, tuple[str, str], int]]:
+  """Consecutive identical layers as (first index, (mixer, ffn), count)."""
+  out = []
+  for i, layer in enumerate(layers):
+    if out and out[-1][1] == layer:
+      out[-1] = (out[-1][0], layer, out[-1][2] + 1)
+    else:
+      out.append((i, layer, 1))
+  return out
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) unless ffn is 'none'.
+
+  Returns (x, None) so the same module is the body of `nn.scan`.
+  """
+  config: ModelConfig
+  mixer: str
+  ffn: str
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL):
+    cfg = self.config
+    kw = dict(config=cfg, decode=self.decode, deterministic=self.deterministic)
+    h = Norm(cfg, name='mixer_norm')(x_BxLxD)
+    h = MIXERS[self.mixer].module(**kw, name='mixer')(h, positions_BxL)
+    x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+    if self.ffn != 'none':
+      h = Norm(cfg, name='ffn_norm')(x_BxLxD)
+      h = FFNS[self.ffn](**kw, name='ffn')(h)
+      x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+    return nn.with_logical_constraint(x_BxLxD, ACT_BLD), None
+
+
+_REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole block on the backward pass
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_name(first: int, count: int) -> str:
+  """Parameter-tree name of a layer (count 1) or of a scanned run of `count` layers."""
+  return f'layer_{first}' if count == 1 else f'layers_{first}_to_{first + count - 1}'
+
+
+class Stack(nn.Module):
+  """The layers of the pattern. With `scan_layers`, each run of identical layers is one `nn.scan`
+  whose parameters are stacked on a leading 'layers' axis; otherwise every layer is its own
+  module `layer_i`. Both compute the same function (tests/test_blocks.py)."""
+  config: ModelConfig
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL):
+    cfg = self.config
+    block = Block
+    if cfg.remat != 'none':
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    for first, (mixer, ffn), count in runs(cfg.layers):
+      kw = dict(config=cfg, mixer=mixer, ffn=ffn, decode=self.decode,
+                deterministic=self.deterministic)
+      if cfg.scan_layers and count > 1:
+        scanned = nn.scan(block, variable_axes={True: 0},
+                          split_rngs={'params': True, 'dropout': True},
+                          in_axes=(nn.broadcast,), length=count,
+                          metadata_params={nn.PARTITION_NAME: 'layers'})
+        x_BxLxD, _ = scanned(**kw, name=run_name(first, count))(x_BxLxD, positions_BxL)
+      else:
+        for i in range(first, first + count):
+          x_BxLxD, _ = block(**kw, name=run_name(i, 1))(x_BxLxD, positions_BxL)
+    return x_BxLxD

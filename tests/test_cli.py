@@ -1,0 +1,69 @@
+"""The command lines as a user runs them: train, evaluate, sample; and their bad-input errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = 'experiments/configs/shakespeare_char.py'
+
+
+def run(*args, check=True):
+  result = subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  if check and result.returncode:
+    raise AssertionError(f'{args} failed:\n{result.stdout}\n{result.stderr}')
+  return result
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, tfds_dir):
+  workdir = str(tmp_path_factory.mktemp('cli') / 'run')
+  result = run('train', f'--config={CONFIG}', f'--workdir={workdir}',
+               f'--config.data.tfds_data_dir={tfds_dir}', '--config.model.d_model=32',
+               '--config.model.d_ff=64', '--config.model.pattern=attn*2',
+               '--config.train.num_steps=30', '--config.train.steps_per_call=10',
+               '--config.train.log_every=10', '--config.train.eval_every=0',
+               '--config.train.checkpoint_every=30', '--config.train.peak_flops=1e11')
+  assert 'done: step 30' in result.stdout
+  return workdir
+
+
+def test_train_eval_sample(trained):
+  with open(os.path.join(trained, 'metrics.jsonl')) as f:
+    final = [json.loads(line) for line in f][-1]
+  out = run('eval', f'--workdir={trained}').stdout
+  assert f'step 30: val_loss {final["val_loss"]:.4f}' in out  # the same whole-split loss
+  assert json.load(open(os.path.join(trained, 'eval.json')))['step'] == 30
+
+  greedy = [run('eval.sample', f'--workdir={trained}', '--prompt=ROMEO:', '--temperature=0',
+                '--max_new_tokens=40').stdout for _ in range(2)]
+  assert greedy[0] == greedy[1] and greedy[0].startswith('ROMEO:')
+  assert len(greedy[0]) >= len('ROMEO:') + 40  # 40 characters were generated
+  sampled = run('eval.sample', f'--workdir={trained}', '--prompt=ROMEO:', '--top_k=10',
+                '--top_p=0.9', '--temperature=1.0', '--max_new_tokens=20', '--num_samples=2',
+                '--stop=\\n').stdout
+  assert sampled.count('ROMEO:') == 2
+
+
+def test_bad_input_gets_one_clear_line(trained, tmp_path):
+  cases = [
+      (('train', f'--config={CONFIG}', f'--workdir={tmp_path}', '--config.model.widht=3'),
+       "config.model has no key 'widht'"),
+      (('train', f'--config={CONFIG}', f'--workdir={trained}', '--config.model.d_model=64',
+        '--config.model.d_ff=64', '--config.model.pattern=attn*2'),
+       'holds a run of a different model'),
+      (('train', f'--config={CONFIG}', f'--workdir={tmp_path}/x',
+        f'--config.data.path={tmp_path}/missing.txt', '--config.data.tfds_fallback='),
+       'missing.txt does not exist'),
+      (('eval.sample', f'--workdir={trained}', '--prompt=ROMEO ☃'),
+       "outside the character vocabulary: ['☃']"),
+      (('eval', f'--workdir={tmp_path}/empty'), 'holds no run'),
+  ]
+  for args, message in cases:
+    result = run(*args, check=False)
+    assert result.returncode == 2, (args, result.stderr)
+    assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr

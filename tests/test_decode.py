@@ -1,0 +1,108 @@
+"""Cached decoding reproduces the full forward pass; sampling filters do what they say."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eval.decode import Sampling, generate, generate_uncached, init_cache, sample_logits
+from model import LM
+from model.config import POSITIONS
+from tests.conftest import tiny
+
+
+def setup(cfg, seed=0):
+  model = LM(cfg)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+  return model, params['params']
+
+
+def cached_logits(model, params, tokens_BxL, prefill: int):
+  """Logits of every position computed through the cache: a prefill, then one token a step."""
+  B, L = tokens_BxL.shape
+
+  @jax.jit
+  def run(params, tokens_BxL):
+    cache = init_cache(model, B, L)
+    pos = jnp.broadcast_to(jnp.arange(L), (B, L))
+    out, state = model.apply({'params': params, 'cache': cache}, tokens_BxL[:, :prefill],
+                             pos[:, :prefill], decode=True, mutable=['cache'])
+    outs = [out]
+    for t in range(prefill, L):
+      out, state = model.apply({'params': params, 'cache': state['cache']},
+                               tokens_BxL[:, t:t + 1], pos[:, t:t + 1], decode=True,
+                               mutable=['cache'])
+      outs.append(out)
+    return jnp.concatenate(outs, axis=1)
+
+  return run(params, tokens_BxL)
+
+
+@pytest.mark.parametrize('position', POSITIONS)
+def test_cached_decoding_equals_full_forward(position):
+  cfg = tiny(position=position, num_kv_heads=2, pattern='attn*2')
+  model, params = setup(cfg)
+  tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
+  full = jax.jit(model.apply)({'params': params}, tokens)
+  np.testing.assert_allclose(cached_logits(model, params, tokens, prefill=5), full,
+                             atol=2e-5, rtol=1e-5)
+
+
+def test_cached_decoding_with_a_sliding_window_equals_full_forward():
+  cfg = tiny(attention_window=4, scan_layers=False)
+  model, params = setup(cfg)
+  tokens = jax.random.randint(jax.random.key(3), (1, 12), 0, cfg.vocab_size)
+  full = jax.jit(model.apply)({'params': params}, tokens)
+  np.testing.assert_allclose(cached_logits(model, params, tokens, prefill=3), full, atol=2e-5)
+
+
+@pytest.mark.parametrize('sampling', [Sampling(0.0), Sampling(1.0, top_k=5),
+                                      Sampling(0.8, top_p=0.9)])
+def test_cached_generation_equals_uncached_token_for_token(sampling):
+  cfg = tiny(position='rope')
+  model, params = setup(cfg)
+  prompt = jax.random.randint(jax.random.key(4), (3, 5), 0, cfg.vocab_size)
+  kw = dict(max_new_tokens=12, sampling=sampling)
+  cached, n1 = generate(model, params, prompt, jax.random.key(7), **kw)
+  uncached, n2 = generate_uncached(model, params, prompt, jax.random.key(7), **kw)
+  np.testing.assert_array_equal(cached, uncached)
+  np.testing.assert_array_equal(cached[:, :5], prompt)
+  assert int(n1) == int(n2) == 12
+
+
+def test_generation_stops_at_the_end_token():
+  cfg = tiny()
+  model, params = setup(cfg)
+  prompt = jnp.asarray([[1, 2, 3]])
+  free, _ = generate(model, params, prompt, jax.random.key(0), max_new_tokens=6,
+                     sampling=Sampling(0.0))
+  eos = int(free[0, 5])  # the third greedy token: declare it the end token
+  tokens, n = generate(model, params, prompt, jax.random.key(0), max_new_tokens=6,
+                       sampling=Sampling(0.0), eos_id=eos)
+  first = int(np.argmax(np.asarray(free[0, 3:]) == eos))  # its first appearance
+  assert int(n) == first + 1
+  np.testing.assert_array_equal(tokens[0, :3 + first + 1], free[0, :3 + first + 1])
+  assert np.all(np.asarray(tokens[0, 3 + first:]) == eos)
+
+
+def test_sampling_filters():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
+  keys = jax.random.key(0)
+  greedy = sample_logits(logits, keys, Sampling(0.0))
+  assert np.all(np.asarray(greedy) == 0)
+  np.testing.assert_array_equal(sample_logits(logits, keys, Sampling(1.0, top_k=1)), greedy)
+  np.testing.assert_array_equal(sample_logits(logits, keys, Sampling(1.0, top_p=0.3)), greedy)
+  top2 = np.asarray(sample_logits(logits, keys, Sampling(1.0, top_k=2)))
+  assert set(top2) == {0, 1} and abs(np.mean(top2 == 0) - 0.5 / 0.8) < 0.03
+  nucleus = np.asarray(sample_logits(logits, keys, Sampling(1.0, top_p=0.85)))
+  assert set(nucleus) == {0, 1, 2}  # 0.5 + 0.3 < 0.85 <= 0.5 + 0.3 + 0.15
+  free = np.asarray(sample_logits(logits, keys, Sampling(1.0)))
+  np.testing.assert_allclose(np.bincount(free, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05],
+                             atol=0.025)
+
+
+@pytest.mark.parametrize('kw', [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0)])
+def test_bad_sampling_settings(kw):
+  with pytest.raises(ValueError):
+    Sampling(**kw)

@@ -1,0 +1,1 @@
+"""nexttoken's training pipeline: `python -m train --config=... --workdir=...`."""

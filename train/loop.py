@@ -1,0 +1,269 @@
+"""The training loop: data -> sharded state -> compiled multi-step calls -> logs, evals, checkpoints.
+
+One code path for one CPU and for a pod: the state is created directly with the shardings that the
+logical-axis rules give on `config.mesh`, and the train step is one `jax.jit` over that mesh.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from model import LM, ModelConfig, count_params, training_flops_per_token
+from model.config import check_context
+from train import checkpoint as ckpt_lib
+from train import data as data_lib
+from train import mesh as mesh_lib
+from train import optim, perf, step as step_lib, workdir as workdir_lib
+from train.evaluate import evaluate
+from train.metric_writer import MetricWriter, Progress
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN or infinite loss; the last good checkpoint is left as it was."""
+
+
+def init_state(model: LM, optimizer, mesh, seed: int):
+  """The train state created on the mesh with its shardings: (state, shardings).
+
+  Parameters come out of `init` boxed with logical axis names; the optimizer state inherits them
+  (optax maps over the boxes), so one rules table shards both."""
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, 1), jnp.int32))['params']
+    return step_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+  rng = jax.random.key(seed)
+  shardings = mesh_lib.logical_shardings(jax.eval_shape(init, rng), mesh)
+  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def abstract_params(model: LM, mesh):
+  """ShapeDtypeStructs of the parameters with their shardings: the target of a restore."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  boxed = boxed['params']
+  return ckpt_lib.abstract_like(nn.unbox(boxed), mesh_lib.logical_shardings(boxed, mesh))
+
+
+def put_batch(batch: dict, sharding) -> dict:
+  """This process's rows of a global batch -> global arrays laid out by `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes of `tree` that one device holds under its shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * leaf.dtype.itemsize
+  return total
+
+
+def flatten_layer_metrics(tree, prefix: str = 'layers') -> dict:
+  """The model's per-layer metrics collection as flat 'layers/<path>' keys (last step's values)."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+    flat[f'{prefix}/{name}'] = np.asarray(leaf)[-1]
+  return flat
+
+
+def _crossed(before: int, after: int, every: int) -> list[int]:
+  """Multiples of `every` in (before, after]."""
+  if every <= 0:
+    return []
+  return list(range((before // every + 1) * every, after + 1, every))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
+  start_time = time.time()
+  run = Run(config, workdir)
+  try:
+    final = run.train()
+  finally:  # also on errors and interruptions: finish the checkpoint in flight, flush the logs
+    run.close()
+  final = dict(final, wall_s=time.time() - start_time)
+  if run.chief:
+    print(f'done: step {final["step"]}, val_loss {final["val_loss"]:.4f}, '
+          f'perplexity {final["val_perplexity"]:.3f}, '
+          f'bits/char {final["val_bits_per_char"]:.4f}, wall {final["wall_s"]:.1f}s')
+  return final
+
+
+class Run:
+  """One training run: everything built from the config and the work directory, then `train`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    tc, dc = config.train, config.data
+    self.chief = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    saved = workdir_lib.load_config(workdir)
+    if saved is not None:  # before anything is written: a mismatch leaves the directory as it was
+      workdir_lib.check_compatible(saved, config, workdir)
+    tokenizer, train_split, self.val_split = workdir_lib.prepare_data(config, workdir,
+                                                                      write=self.chief)
+    self.model_cfg = workdir_lib.resolve_model_config(config.model, tokenizer.vocab_size)
+    check_context(self.model_cfg, dc.seq_len, 'data.seq_len')
+    self.config = config = ml_collections.ConfigDict(config.to_dict())
+    config.model.vocab_size = self.model_cfg.vocab_size
+    if self.chief:
+      workdir_lib.save_config(config, workdir)
+
+    self.mesh = mesh_lib.make_mesh(config.mesh)
+    model = LM(self.model_cfg)
+    optimizer = optim.make_optimizer(tc)
+    self.state, shardings = init_state(model, optimizer, self.mesh, tc.seed)
+    self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
+    self.writer = MetricWriter(workdir, enabled=self.chief)
+    data_start = 0
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      try:
+        params, opt_state, data_state = self.checkpointer.restore(
+            latest, ckpt_lib.abstract_like(self.state.params, shardings.params),
+            ckpt_lib.abstract_like(self.state.opt_state, shardings.opt_state))
+      except ValueError as e:  # orbax: the saved tree has another structure
+        raise workdir_lib.RunError(
+            f'the checkpoint at step {latest} in {workdir} does not fit this config\'s optimizer '
+            f'(a train.* setting that shapes the optimizer state changed?): {e}') from e
+      self.state = step_lib.TrainState(jnp.asarray(latest, jnp.int32), params, opt_state)
+      data_start = data_state['next_index']
+      self.writer.truncate_after(latest)
+    self.iterator = data_lib.BatchIterator(
+        data_lib.train_dataset(train_split.tokens, dc.seq_len, tc.batch_size, tc.seed,
+                               jax.process_index(), jax.process_count()), start=data_start)
+
+    train_step = step_lib.make_train_step(model, optimizer, optim.learning_rate_schedule(tc),
+                                          tc.seed, tc.grad_accum_steps)
+    self.steps_sharding = mesh_lib.batch_sharding(self.mesh, leading_axes=1)
+    self.multi_step = jax.jit(step_lib.make_multi_step(train_step),
+                              in_shardings=(shardings, self.steps_sharding),
+                              out_shardings=(shardings, None), donate_argnums=0)
+    self.eval_step = jax.jit(step_lib.make_eval_step(model))
+    self.flops_per_token = training_flops_per_token(self.model_cfg, dc.seq_len)
+    self.peak = tc.peak_flops or (perf.measure_peak_flops(self.model_cfg.dtype)
+                                  * jax.device_count())
+    self.progress = Progress(tc.num_steps, int(self.state.step), enabled=self.chief)
+    self.workdir = workdir
+
+  def evaluate(self, max_batches: int) -> dict:
+    sharding = mesh_lib.batch_sharding(self.mesh)
+    dc, tc = self.config.data, self.config.train
+    return evaluate(self.eval_step, self.state.params, self.val_split, dc.seq_len,
+                    tc.eval_batch_size, max_batches, put=lambda b: put_batch(b, sharding))
+
+  def report_start(self) -> None:
+    counts = count_params(self.model_cfg)
+    tc, dc = self.config.train, self.config.data
+    step = int(self.state.step)
+    self.progress.write(
+        f'model: {counts.total:,} parameters ({counts.non_embedding:,} non-embedding), '
+        f'{self.flops_per_token / 1e6:.2f} MFLOPs per token, pattern {self.model_cfg.pattern}\n'
+        f'devices: {perf.device_description()}, mesh {dict(self.mesh.shape)}, '
+        f'{bytes_per_device(self.state.params) / 2**20:.2f} MiB parameters and '
+        f'{bytes_per_device(self.state.opt_state) / 2**20:.2f} MiB optimizer state per device\n'
+        f'batch: {tc.batch_size} x {dc.seq_len} tokens per step, '
+        f'{tc.batch_size // mesh_lib.batch_shards(self.mesh)} sequences per device; '
+        f'{"resuming from step " + str(step) if step else "starting"} in {self.workdir}')
+
+  def train(self) -> dict:
+    tc = self.config.train
+    tokens_per_step = tc.batch_size * self.config.data.seq_len
+    self.report_start()
+    step = int(self.state.step)
+    window = Window()
+    final = None
+    while step < tc.num_steps:
+      k = min(tc.steps_per_call, tc.num_steps - step)
+      for every in (tc.eval_every, tc.checkpoint_every):  # calls end on eval and save steps
+        if every > 0:
+          k = min(k, every - step % every)
+      call_start = time.time()
+      batches = put_batch(self.iterator.next(k), self.steps_sharding)
+      self.state, metrics = self.multi_step(self.state, batches)
+      losses = np.asarray(jax.device_get(metrics['loss']))
+      if not np.all(np.isfinite(losses)):
+        self._stop_on_non_finite(step, losses)
+      window.add_call(time.time() - call_start, k * tokens_per_step)
+      self._log(step, losses, metrics, window)
+      step += k
+      if step == tc.num_steps or (tc.eval_every > 0 and step % tc.eval_every == 0):
+        final = self.evaluate(-1 if step == tc.num_steps else tc.eval_batches)
+        self.writer.write(step, final)
+        self.progress.write(f'step {step}: val_loss {final["val_loss"]:.4f} '
+                            f'(bits/char {final["val_bits_per_char"]:.4f}, '
+                            f'{final["val_tokens"]:,} tokens)')
+      if step == tc.num_steps or (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0):
+        self.checkpointer.save(step, self.state.params, self.state.opt_state,
+                               self.iterator.state())
+    if final is None:  # resumed a finished run: report its validation metrics again
+      final = self.evaluate(-1)
+    return dict(final, step=step, compile_s=window.compile_s)
+
+  def _log(self, step: int, losses: np.ndarray, metrics: dict, window: 'Window') -> None:
+    """Writes a row for each multiple of log_every (and the last step) among this call's steps;
+    train_loss is the mean over the steps since the previous row."""
+    tc = self.config.train
+    for i, loss in enumerate(losses):
+      window.losses.append(float(loss))
+      s = step + i + 1
+      if s % tc.log_every and s != tc.num_steps:
+        continue
+      row = {'train_loss': float(np.mean(window.losses)),
+             'lr': float(np.asarray(metrics['lr'])[i]),
+             'grad_norm': float(np.asarray(metrics['grad_norm'])[i])}
+      if metrics['layers']:  # layers that report metrics (MoE) also add auxiliary losses
+        row['aux_loss'] = float(np.asarray(metrics['aux_loss'])[i])
+        if i == len(losses) - 1:
+          row.update(flatten_layer_metrics(metrics['layers']))
+      if window.seconds > 0:
+        row['tokens_per_s'] = window.tokens / window.seconds
+        row['mfu'] = perf.mfu(self.flops_per_token, row['tokens_per_s'], self.peak)
+      self.writer.write(s, row)
+      self.progress.update(s, loss=row['train_loss'], tok_s=int(row.get('tokens_per_s', 0)),
+                           mfu=f'{100 * row.get("mfu", 0):.1f}%')
+      window.reset()
+
+  def _stop_on_non_finite(self, step: int, losses: np.ndarray):
+    bad = step + 1 + int(np.argmin(np.isfinite(losses)))
+    self.checkpointer.wait()
+    last = self.checkpointer.latest_step()
+    raise NonFiniteLossError(
+        f'the training loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopping. '
+        + (f'The last good checkpoint, step {last}, is intact in {self.checkpointer.directory}. '
+           if last is not None else 'No checkpoint was written. ')
+        + 'Lower train.lr, raise train.warmup_steps or set train.grad_clip.')
+
+  def close(self) -> None:
+    self.checkpointer.wait()
+    self.checkpointer.close()
+    self.writer.close()
+    self.progress.close()
+
+
+class Window:
+  """Losses, time and tokens since the last log row. The first call compiles: its time is kept
+  apart as compile_s and out of the throughput."""
+
+  def __init__(self):
+    self.compile_s = None
+    self.reset()
+
+  def reset(self):
+    self.losses, self.seconds, self.tokens = [], 0.0, 0
+
+  def add_call(self, seconds: float, tokens: int):
+    if self.compile_s is None:
+      self.compile_s = seconds
+    else:
+      self.seconds += seconds
+      self.tokens += tokens

@@ -1,0 +1,92 @@
+"""Metrics to DIR/metrics.jsonl (one JSON object per logged step) and TensorBoard event files
+(DIR/tensorboard), plus the progress line: a tqdm bar on a terminal, a log line otherwise."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+
+class MetricWriter:
+  """Appends to metrics.jsonl; on resume, `truncate_after(step)` first drops entries past the
+  restored checkpoint so the file reads as one uninterrupted run."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def truncate_after(self, step: int) -> None:
+    if not (self.enabled and os.path.exists(self.path)):
+      return
+    with open(self.path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    with open(self.path, 'w') as f:
+      f.writelines(kept)
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    row = {'step': int(step)}
+    row.update({k: _plain(v) for k, v in metrics.items()})
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    for key, value in row.items():
+      if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
+        self._tb.add_scalar(key, value, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(value):
+  if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, '__array__'):
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()
+  return value
+
+
+class Progress:
+  """A tqdm bar when stderr is a terminal; otherwise one line per update (readable in CI logs)."""
+
+  def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    self.total = total
+    self.start = time.time()
+    self._bar = None
+    if enabled and sys.stderr.isatty():
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit='step')
+
+  def update(self, step: int, **fields) -> None:
+    if not self.enabled:
+      return
+    text = {k: (f'{v:.4g}' if isinstance(v, float) else v) for k, v in fields.items()}
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.set_postfix(text, refresh=True)
+    else:
+      body = ' '.join(f'{k}={v}' for k, v in text.items())
+      print(f'step {step}/{self.total} {body}', file=sys.stderr, flush=True)
+
+  def write(self, message: str) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(message)
+    else:
+      print(message, file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()

@@ -1,0 +1,112 @@
+"""Pure functions of one training step, several steps, and one evaluation batch.
+
+Batches are dicts of (B, L) arrays: 'inputs', 'targets' and optionally 'weights' (the loss mask;
+grokking puts weight only on the answer token). The step returns scalar metrics plus the model's
+per-layer 'metrics' collection (e.g. MoE expert shares), all as arrays so `lax.scan` can stack
+them across steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from model.blocks import AUX_LOSS, METRICS
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array      # int32 scalar: optimizer steps taken
+  params: Any
+  opt_state: Any
+
+
+def token_losses(logits_BxLxV, targets_BxL):
+  """Cross-entropy per token, in float32. (B, L)."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32),
+                                                         targets_BxL)
+
+
+def _weights(batch):
+  return batch.get('weights', jnp.ones(batch['targets'].shape, jnp.float32))
+
+
+def make_loss_fn(model: nn.Module, dropout: bool):
+  """loss_fn(params, batch, rng) -> (sum of token losses + aux losses * tokens, aux dict).
+
+  Returns sums over tokens, not means, so micro-batches add up to the full batch exactly."""
+  def loss_fn(params, batch, rng):
+    logits, cols = model.apply(
+        {'params': params}, batch['inputs'], deterministic=not dropout,
+        rngs={'dropout': rng} if dropout else {}, mutable=[AUX_LOSS, METRICS])
+    weights = _weights(batch)
+    ce_sum = jnp.sum(token_losses(logits, batch['targets']) * weights)
+    tokens = jnp.sum(weights)
+    aux = sum((jnp.sum(x) for x in jax.tree.leaves(cols.get(AUX_LOSS, {}))), jnp.float32(0))
+    return ce_sum + aux * tokens, {'ce_sum': ce_sum, 'tokens': tokens, 'aux_loss': aux,
+                                   'layers': cols.get(METRICS, {})}
+  return loss_fn
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, seed: int, grad_accum_steps: int = 1,
+                    loss_fn: Callable | None = None):
+  """step(state, batch) -> (state, metrics). With `grad_accum_steps` A > 1 the batch is split into
+  A micro-batches of B / A rows whose gradients are summed before one optimizer update."""
+  loss_fn = loss_fn or make_loss_fn(model, dropout=model.config.dropout > 0)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  base_rng = jax.random.key(seed)
+
+  def step(state: TrainState, batch):
+    rng = jax.random.fold_in(base_rng, state.step)
+    if grad_accum_steps == 1:
+      (_, aux), grads = grad_fn(state.params, batch, rng)
+    else:
+      micro = jax.tree.map(
+          lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
+          batch)
+
+      def accumulate(carry, mb_and_index):
+        mb, i = mb_and_index
+        (_, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, aux)), None
+
+      aux_shapes = jax.eval_shape(loss_fn, state.params, jax.tree.map(lambda x: x[0], micro),
+                                  rng)[1]
+      zero = (jax.tree.map(jnp.zeros_like, state.params),
+              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
+      (grads, aux), _ = jax.lax.scan(accumulate, zero,
+                                     (micro, jnp.arange(grad_accum_steps)))
+      aux = dict(aux, aux_loss=aux['aux_loss'] / grad_accum_steps,
+                 layers=jax.tree.map(lambda x: x / grad_accum_steps, aux['layers']))
+    grads = jax.tree.map(lambda g: g / aux['tokens'], grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': aux['ce_sum'] / aux['tokens'], 'aux_loss': aux['aux_loss'],
+               'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step),
+               'layers': aux['layers']}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return step
+
+
+def make_multi_step(step: Callable):
+  """multi_step(state, batches) runs `step` over batches stacked on a leading axis (K, B, L) in
+  one compiled call: one dispatch for K steps. Metrics come back stacked, (K, ...)."""
+  def multi_step(state, batches):
+    return jax.lax.scan(step, state, batches)
+  return multi_step
+
+
+def make_eval_step(model: nn.Module):
+  """eval_step(params, batch) -> (sum of token losses, number of tokens), over 'weights'."""
+  def eval_step(params, batch):
+    logits = model.apply({'params': params}, batch['inputs'])
+    weights = _weights(batch)
+    return jnp.sum(token_losses(logits, batch['targets']) * weights), jnp.sum(weights)
+  return eval_step
