@@ -52,10 +52,9 @@ def test_one_expert_with_top_1_equals_the_dense_feed_forward(capacity_factor, ac
                   moe=MoEConfig(num_experts=1, top_k=1, capacity_factor=capacity_factor))
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 61)
   dense = nn.unbox(jax.jit(LM(dense_cfg).init)(jax.random.key(0), tokens))['params']
-  moe = jax.tree.map(lambda x: x, dense)
-  mlp = moe['blocks']['layer_0']['ffn']
-  moe['blocks']['layer_0']['ffn'] = {'router': jnp.zeros((32, 1)),
-                                     'experts': jax.tree.map(lambda x: x[None], mlp)}
+  layer = dense['blocks']['layer_0']  # its MLP becomes the only expert, behind a router
+  moe = dict(dense, blocks={'layer_0': dict(layer, ffn={
+      'router': jnp.zeros((32, 1)), 'experts': jax.tree.map(lambda x: x[None], layer['ffn'])})})
   assert jax.tree.structure(moe) == jax.tree.structure(
       nn.unbox(jax.eval_shape(LM(moe_cfg_).init, jax.random.key(0), tokens))['params'])
   np.testing.assert_allclose(jax.jit(LM(moe_cfg_).apply)({'params': moe}, tokens),
