@@ -32,6 +32,10 @@ class MoEConfig:
   """Mixture-of-Experts feed-forward (used by pattern entries `...:moe`)."""
   num_experts: int = 8
   top_k: int = 2                # experts per token: 1 is Switch, 2 is GShard/Mixtral
+  # Rescale each token's top_k router probabilities to sum to 1 (GShard, Mixtral). False keeps
+  # the probabilities themselves (Switch): with top_k 1 a renormalised weight is always 1, so the
+  # router would learn from the auxiliary losses only.
+  renormalize: bool = True
   num_shared_experts: int = 0   # experts every token uses (DeepSeekMoE)
   d_ff: int | None = None       # width of one expert; None: the model's d_ff
   capacity_factor: float = 1.25  # 0 means dropless (grouped matmuls, no capacity)
@@ -178,6 +182,14 @@ def _validate(c: ModelConfig):
              f'model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts='
              f'{moe.num_experts}')
     _require(moe.capacity_factor >= 0, 'model.moe.capacity_factor must be >= 0 (0 is dropless)')
+    _require(moe.num_shared_experts >= 0,
+             f'model.moe.num_shared_experts must be >= 0, got {moe.num_shared_experts}')
+    _require(moe.d_ff is None or moe.d_ff > 0,
+             f'model.moe.d_ff must be positive (or None for model.d_ff), got {moe.d_ff}')
+    for field in ('aux_loss_weight', 'z_loss_weight'):
+      _require(getattr(moe, field) >= 0,
+               f'model.moe.{field} must be >= 0 (0 switches the loss off), got '
+               f'{getattr(moe, field)}')
   if any(mixer == 'mamba' for mixer, _ in layers):
     m = c.mamba
     _require(m.d_state > 0 and m.expand > 0 and m.d_conv > 0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 
 import flax.linen as nn
@@ -67,12 +68,27 @@ def bytes_per_device(tree) -> int:
   return total
 
 
+_SCANNED_RUN = re.compile(r'layers_(\d+)_to_(\d+)')  # model.blocks.run_name of a scanned run
+
+
 def flatten_layer_metrics(tree, prefix: str = 'layers') -> dict:
-  """The model's per-layer metrics collection as flat 'layers/<path>' keys (last step's values)."""
+  """The model's per-layer metrics collection (the last step's values) as scalar keys
+  'layers/layer_<i>/<module path>/<name>[/<element>]', e.g. 'layers/layer_1/ffn/expert_share/3':
+  a scanned run's stacked values get one key per layer, a vector one key per element; the
+  'blocks' scope and the tuples of flax's `sow` are left out of the names."""
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
-    flat[f'{prefix}/{name}'] = np.asarray(leaf)[-1]
+    names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if names[0] == 'blocks':
+      names = names[1:]
+    value = np.asarray(leaf)[-1]
+    run = _SCANNED_RUN.fullmatch(names[0])
+    layers = ([(f'layer_{i}', value[i - int(run[1])]) for i in range(int(run[1]), int(run[2]) + 1)]
+              if run else [(names[0], value)])
+    for layer, v in layers:
+      key = '/'.join([prefix, layer, *names[1:]])
+      for index in np.ndindex(v.shape):
+        flat['/'.join([key, *map(str, index)])] = float(v[index])
   return flat
 
 

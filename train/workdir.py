@@ -20,7 +20,8 @@ CONFIG_FILE = 'config.json'
 # Model fields a resumed run may change: they do not change the parameter tree.
 RESUMABLE_MODEL_FIELDS = {'dropout', 'attention_impl', 'attention_window', 'remat', 'dtype',
                           'init_std',
-                          'moe.capacity_factor', 'moe.aux_loss_weight', 'moe.z_loss_weight',
+                          'moe.capacity_factor', 'moe.renormalize', 'moe.aux_loss_weight',
+                          'moe.z_loss_weight',
                           'mamba.scan_impl', 'mamba.scan_chunk', 'mamba.dt_min', 'mamba.dt_max',
                           'mamba.dt_init_floor'}
 
