@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from model import LM, ModelConfig, count_params, training_flops_per_token
+from model import LM, count_params, training_flops_per_token
 from model.config import check_context
 from train import checkpoint as ckpt_lib
 from train import data as data_lib

@@ -115,10 +115,11 @@ def batch_shards(mesh) -> int:
 # Checks that run before compiling: a dimension an axis does not divide fails here, by name.
 
 
-def _axes_size(mesh, axes) -> tuple[str, int]:
-  """('tensor=8', 8) for one mesh axis, ('data=2 x fsdp=4', 8) for several."""
+def _axes_size(mesh, axes) -> tuple[tuple[str, ...], str, int]:
+  """(('tensor',), 'tensor=8', 8) for one mesh axis, (..., 'data=2 x fsdp=4', 8) for several."""
   axes = (axes,) if isinstance(axes, str) else tuple(axes)
-  return ' x '.join(f'{a}={mesh.shape[a]}' for a in axes), math.prod(mesh.shape[a] for a in axes)
+  return (axes, ' x '.join(f'{a}={mesh.shape[a]}' for a in axes),
+          math.prod(mesh.shape[a] for a in axes))
 
 
 def check_params(boxed_params, mesh) -> None:
@@ -135,19 +136,19 @@ def check_params(boxed_params, mesh) -> None:
     for dim, (size, logical, axes) in enumerate(zip(leaf.value.shape, leaf.names, spec)):
       if axes is None:
         continue
-      label, n = _axes_size(mesh, axes)
+      names, label, n = _axes_size(mesh, axes)
       if size % n:
         name = '/'.join(str(getattr(k, 'key', k)) for k in path)
         fix = _FIXES.get(logical, 'change that dimension to a multiple of {n}').format(n=n)
         raise MeshError(
             f'the mesh axis {label} does not divide dimension {dim} of parameter {name} '
-            f'(logical axis {logical!r}, size {size}); {fix}, or change config.mesh so that '
-            f'{label.split("=")[0]} divides {size}')
+            f'(logical axis {logical!r}, size {size}); {fix}, or set config.mesh.'
+            f'{" x ".join(names)} to a divisor of {size}')
 
 
 def check_batch(batch_size: int, mesh, field: str) -> None:
   """Raises MeshError unless `batch_size` rows split evenly over the mesh's batch axes."""
-  label, n = _axes_size(mesh, BATCH_AXES)
+  _, label, n = _axes_size(mesh, BATCH_AXES)
   if batch_size % n:
     raise MeshError(
         f'{field}={batch_size} is not divisible by the {n} batch shards of the mesh ({label}, '
