@@ -31,15 +31,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  # After flag parsing (importing jax is slow, --help should not wait) and before anything
-  # creates a JAX backend, which jax.distributed must precede.
-  from train import mesh as mesh_lib
-  mesh_lib.initialize_distributed(f.distributed, f.coordinator_address, f.num_processes,
-                                  f.process_id)
+  # Imports after flag parsing (importing jax is slow, --help should not wait); jax.distributed
+  # starts before anything creates a JAX backend.
   from train import loop
+  from train import mesh as mesh_lib
   from train.errors import USER_ERRORS, quiet_libraries
   quiet_libraries()
   try:
+    mesh_lib.initialize_distributed(f.distributed, f.coordinator_address, f.num_processes,
+                                    f.process_id)
     loop.train_and_evaluate(f.config, f.workdir)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)

@@ -228,7 +228,13 @@ def initialize_distributed(mode: str = 'auto', coordinator_address: str | None =
   wanted = mode == 'on' or (mode == 'auto' and (
       bool(coordinator_address) or (num_processes or 1) > 1 or launched_as_several(environ)))
   if wanted:
-    jax.distributed.initialize(coordinator_address or None, num_processes, process_id)
+    try:
+      jax.distributed.initialize(coordinator_address or None, num_processes, process_id)
+    except ValueError as e:  # nothing given and no cluster detected
+      raise MeshError(f'jax.distributed cannot start: {e} Outside Cloud TPU, Slurm and Open MPI, '
+                      f'give --coordinator_address=HOST:PORT of process 0, --num_processes and '
+                      f'--process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and '
+                      f'JAX_PROCESS_ID)') from e
   return wanted
 
 
