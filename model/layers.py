@@ -24,9 +24,23 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
   return jnp.dtype(cfg.dtype)
 
 
+class LogicalAxes(nn.LogicallyPartitioned):
+  """A parameter boxed with its logical axis names, for `train/mesh.py` to map onto the mesh.
+
+  Unboxing never adds a sharding constraint: parameters are laid out by the train step's jit
+  shardings. (Flax's box constrains when a mesh is set, and DenseGeneral unboxes its kernel while
+  it is still flat, before reshaping it to the named rank: flax issue #3676.)"""
+
+  def unbox(self, apply_constraint: bool = True):
+    del apply_constraint
+    return self.value
+
+
 def param_init(init: nn.initializers.Initializer, axes: tuple[str | None, ...]):
   """An initialiser whose parameter carries logical axis names."""
-  return nn.with_logical_partitioning(init, axes)
+  def boxed(*args, **kwargs):
+    return LogicalAxes(init(*args, **kwargs), axes)
+  return boxed
 
 
 def normal(std: float):

@@ -35,7 +35,8 @@ class LM(nn.Module):
 
     embedding = self.param('token_embedding', param_init(normal(cfg.init_std), ('vocab', 'embed')),
                            (cfg.vocab_size, cfg.d_model), jnp.float32)
-    x_BxLxD = jnp.take(embedding, tokens_BxL, axis=0).astype(dtype)
+    x_BxLxD = jnp.take(nn.with_logical_constraint(embedding, ('vocab', None)), tokens_BxL,
+                       axis=0).astype(dtype)
     if cfg.position == 'learned':
       table = self.param('position_embedding',
                          param_init(normal(cfg.init_std), ('position', 'embed')),

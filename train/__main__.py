@@ -1,6 +1,9 @@
 """python -m train --config=experiments/configs/shakespeare_char.py --workdir=DIR [--config.k=v]
 
 Trains the configured model in DIR, resuming from its latest checkpoint when there is one.
+
+On several hosts, run the same command on each: `jax.distributed` starts first (see --distributed),
+and every process trains its share of each batch on the mesh of all hosts' devices.
 """
 
 import sys
@@ -13,17 +16,31 @@ from train import cli
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Work directory: config, tokenizer, checkpoints, metrics.')
+flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                  'Start jax.distributed: "auto" when a coordinator or several processes are '
+                  'given (flags below, JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, Slurm, Open '
+                  'MPI, GKE TPU slices), "on" always (Cloud TPU pod slices: JAX reads the rest '
+                  'from the TPU metadata), "off" never.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host GPU/CPU).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host GPU/CPU).')
+flags.DEFINE_integer('process_id', None, 'This process\'s index, 0 .. num_processes - 1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from train import loop  # after flag parsing: importing jax is slow, --help should not wait
+  f = flags.FLAGS
+  # Imports after flag parsing (importing jax is slow, --help should not wait); jax.distributed
+  # starts before anything creates a JAX backend.
+  from train import loop
+  from train import mesh as mesh_lib
   from train.errors import USER_ERRORS, quiet_libraries
   quiet_libraries()
   try:
-    loop.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    mesh_lib.initialize_distributed(f.distributed, f.coordinator_address, f.num_processes,
+                                    f.process_id)
+    loop.train_and_evaluate(f.config, f.workdir)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

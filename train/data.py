@@ -288,16 +288,23 @@ class BatchIterator:
     return {'next_index': self.next_index}
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
-                 max_batches: int = -1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int = -1,
+                 process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[dict[str, np.ndarray]]:
   """The split in order, as batches with 'weights' (0 on padding rows of the last batch); all of
-  it when max_batches < 0."""
+  it when max_batches < 0. Each batch is this process's rows of the global batch of batch_size
+  rows, as in `train_dataset`."""
+  if batch_size % process_count:
+    raise DataError(f'train.eval_batch_size={batch_size} is not divisible by the '
+                    f'{process_count} processes; each loads an equal share')
+  rows = batch_size // process_count
   seqs = PackedSequences(tokens, seq_len)
   num_batches = -(-len(seqs) // batch_size)
   if max_batches >= 0:
     num_batches = min(num_batches, max_batches)
   for b in range(num_batches):
-    idx = np.arange(b * batch_size, (b + 1) * batch_size)
+    start = b * batch_size + process_index * rows
+    idx = np.arange(start, start + rows)
     valid = idx < len(seqs)
     windows = np.stack([seqs[i] for i in np.where(valid, idx, 0)])
     batch = _to_batch(windows)

@@ -2,6 +2,8 @@
 
 One code path for one CPU and for a pod: the state is created directly with the shardings that the
 logical-axis rules give on `config.mesh`, and the train step is one `jax.jit` over that mesh.
+On several hosts every process runs this same loop: it loads only its rows of each batch, and
+process 0 alone writes the config, metrics and logs (orbax coordinates the checkpoint writes).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from model import LM, ModelConfig, count_params, training_flops_per_token
+from model import LM, count_params, training_flops_per_token
 from model.config import check_context
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
@@ -31,19 +34,38 @@ class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or infinite loss; the last good checkpoint is left as it was."""
 
 
-def init_state(model: LM, optimizer, mesh, seed: int):
-  """The train state created on the mesh with its shardings: (state, shardings).
-
-  Parameters come out of `init` boxed with logical axis names; the optimizer state inherits them
-  (optax maps over the boxes), so one rules table shards both."""
-  def init(rng):
-    params = model.init(rng, jnp.zeros((1, 1), jnp.int32))['params']
+def _init_fn(model: LM, optimizer, seed: int):
+  """() -> the initial TrainState, its parameters (and so its optimizer state) boxed with logical
+  axis names: optax maps over the boxes, so one rules table shards both."""
+  def init():
+    params = model.init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))['params']
     return step_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  return init
 
-  rng = jax.random.key(seed)
-  shardings = mesh_lib.logical_shardings(jax.eval_shape(init, rng), mesh)
-  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+
+def state_shardings(model: LM, optimizer, mesh):
+  """The train state's NamedShardings on `mesh`. A parameter dimension that the mesh does not
+  divide fails here, before anything compiles."""
+  abstract = jax.eval_shape(_init_fn(model, optimizer, seed=0))
+  mesh_lib.check_params(abstract.params, mesh)
+  return mesh_lib.logical_shardings(abstract, mesh)
+
+
+def init_state(model: LM, optimizer, mesh, seed: int):
+  """The train state created on the mesh with its shardings: (state, shardings)."""
+  shardings = state_shardings(model, optimizer, mesh)
+  init = _init_fn(model, optimizer, seed)
+  state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
   return state, shardings
+
+
+def sharded_multi_step(train_step, mesh, shardings):
+  """`make_multi_step(train_step)` as one jit over the mesh: the state (donated) and the stacked
+  batches (K, B, L) go in with their shardings; metrics come out replicated, so every process
+  can read them."""
+  return mesh_lib.jit(step_lib.make_multi_step(train_step), mesh,
+                      in_shardings=(shardings, mesh_lib.batch_sharding(mesh, leading_axes=1)),
+                      out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
 
 
 def abstract_params(model: LM, mesh):
@@ -57,6 +79,19 @@ def put_batch(batch: dict, sharding) -> dict:
   """This process's rows of a global batch -> global arrays laid out by `sharding`."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def _prepare_data_chief_first(config: ml_collections.ConfigDict, workdir: str):
+  """`workdir_lib.prepare_data` on process 0 first, which writes the tokenizer and token caches;
+  the others then read them (on a shared work directory) or build the same ones themselves."""
+  chief = jax.process_index() == 0
+  if chief:
+    prepared = workdir_lib.prepare_data(config, workdir, write=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('data prepared')
+  if not chief:
+    prepared = workdir_lib.prepare_data(config, workdir, write=False)
+  return prepared
 
 
 def bytes_per_device(tree) -> int:
@@ -125,8 +160,7 @@ class Run:
     saved = workdir_lib.load_config(workdir)
     if saved is not None:  # before anything is written: a mismatch leaves the directory as it was
       workdir_lib.check_compatible(saved, config, workdir)
-    tokenizer, train_split, self.val_split = workdir_lib.prepare_data(config, workdir,
-                                                                      write=self.chief)
+    tokenizer, train_split, self.val_split = _prepare_data_chief_first(config, workdir)
     self.model_cfg = workdir_lib.resolve_model_config(config.model, tokenizer.vocab_size)
     check_context(self.model_cfg, dc.seq_len, 'data.seq_len')
     self.config = config = ml_collections.ConfigDict(config.to_dict())
@@ -135,6 +169,10 @@ class Run:
       workdir_lib.save_config(config, workdir)
 
     self.mesh = mesh_lib.make_mesh(config.mesh)
+    mesh_lib.check_batch(tc.batch_size // tc.grad_accum_steps, self.mesh,
+                         'train.batch_size' if tc.grad_accum_steps == 1 else
+                         'the micro-batch train.batch_size / train.grad_accum_steps')
+    mesh_lib.check_batch(tc.eval_batch_size, self.mesh, 'train.eval_batch_size')
     model = LM(self.model_cfg)
     optimizer = optim.make_optimizer(tc)
     self.state, shardings = init_state(model, optimizer, self.mesh, tc.seed)
@@ -154,17 +192,19 @@ class Run:
       self.state = step_lib.TrainState(jnp.asarray(latest, jnp.int32), params, opt_state)
       data_start = data_state['next_index']
       self.writer.truncate_after(latest)
+    self.batch_block = mesh_lib.process_batch_block(self.mesh)  # this process's rows
     self.iterator = data_lib.BatchIterator(
         data_lib.train_dataset(train_split.tokens, dc.seq_len, tc.batch_size, tc.seed,
-                               jax.process_index(), jax.process_count()), start=data_start)
+                               *self.batch_block), start=data_start)
 
     train_step = step_lib.make_train_step(model, optimizer, optim.learning_rate_schedule(tc),
                                           tc.seed, tc.grad_accum_steps)
     self.steps_sharding = mesh_lib.batch_sharding(self.mesh, leading_axes=1)
-    self.multi_step = jax.jit(step_lib.make_multi_step(train_step),
-                              in_shardings=(shardings, self.steps_sharding),
-                              out_shardings=(shardings, None), donate_argnums=0)
-    self.eval_step = jax.jit(step_lib.make_eval_step(model))
+    self.multi_step = sharded_multi_step(train_step, self.mesh, shardings)
+    self.eval_step = mesh_lib.jit(step_lib.make_eval_step(model), self.mesh,
+                                  in_shardings=(shardings.params,
+                                                mesh_lib.batch_sharding(self.mesh)),
+                                  out_shardings=mesh_lib.replicated(self.mesh))
     self.flops_per_token = training_flops_per_token(self.model_cfg, dc.seq_len)
     self.peak = tc.peak_flops or (perf.measure_peak_flops(self.model_cfg.dtype)
                                   * jax.device_count())
@@ -175,7 +215,8 @@ class Run:
     sharding = mesh_lib.batch_sharding(self.mesh)
     dc, tc = self.config.data, self.config.train
     return evaluate(self.eval_step, self.state.params, self.val_split, dc.seq_len,
-                    tc.eval_batch_size, max_batches, put=lambda b: put_batch(b, sharding))
+                    tc.eval_batch_size, max_batches, put=lambda b: put_batch(b, sharding),
+                    process_block=self.batch_block)
 
   def report_start(self) -> None:
     counts = count_params(self.model_cfg)
@@ -184,7 +225,9 @@ class Run:
     self.progress.write(
         f'model: {counts.total:,} parameters ({counts.non_embedding:,} non-embedding), '
         f'{self.flops_per_token / 1e6:.2f} MFLOPs per token, pattern {self.model_cfg.pattern}\n'
-        f'devices: {perf.device_description()}, mesh {dict(self.mesh.shape)}, '
+        f'devices: {perf.device_description()}'
+        f'{f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""}, '
+        f'mesh {dict(self.mesh.shape)}, '
         f'{bytes_per_device(self.state.params) / 2**20:.2f} MiB parameters and '
         f'{bytes_per_device(self.state.opt_state) / 2**20:.2f} MiB optimizer state per device\n'
         f'batch: {tc.batch_size} x {dc.seq_len} tokens per step, '

@@ -1,13 +1,21 @@
-"""The device mesh and the one table of rules that maps logical axis names onto it.
+"""The device mesh, the one table of rules that maps logical axis names onto it, and the multi-host
+start-up.
 
 Mesh axes: data (replicated parameters, split batch), fsdp (split batch and parameters), tensor
 (split heads / MLP / vocabulary), expert (split experts). A config's `mesh` section gives their
-sizes; -1 takes the remaining devices.
+sizes; -1 takes the remaining devices. One mesh of size 1 is a single device: there is no other
+code path. Every parameter dimension a mesh axis splits must be divisible by that axis's size, and
+every batch by the product of the batch axes: `check_params` and `check_batch` fail before
+anything compiles, naming the mesh axis, the logical axis and the dimension (nothing is silently
+replicated).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -41,6 +49,17 @@ RULES = (
     ('activation_vocab', 'tensor'),
     ('activation_exp', 'expert'),
 )
+
+# What to change when a mesh axis does not divide a parameter dimension, by logical axis.
+_FIXES = {
+    'vocab': 'set model.vocab_size to a multiple of {n} (it may exceed the tokenizer\'s)',
+    'embed': 'make model.d_model a multiple of {n}',
+    'heads': 'make model.num_heads a multiple of {n}',
+    'kv_heads': 'make model.num_kv_heads (by default model.num_heads) a multiple of {n}',
+    'mlp': 'make the feed-forward width (model.d_ff, or model.moe.d_ff) a multiple of {n}',
+    'exp': 'make model.moe.num_experts a multiple of {n}',
+    'ssm_inner': 'make model.mamba.expand * model.d_model a multiple of {n}',
+}
 
 
 class MeshError(ValueError):
@@ -87,6 +106,137 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_shards(mesh: Mesh) -> int:
+def batch_shards(mesh) -> int:
   """How many ways a batch is split: the product of the batch axes' sizes."""
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that run before compiling: a dimension an axis does not divide fails here, by name.
+
+
+def _axes_size(mesh, axes) -> tuple[tuple[str, ...], str, int]:
+  """(('tensor',), 'tensor=8', 8) for one mesh axis, (..., 'data=2 x fsdp=4', 8) for several."""
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return (axes, ' x '.join(f'{a}={mesh.shape[a]}' for a in axes),
+          math.prod(mesh.shape[a] for a in axes))
+
+
+def check_params(boxed_params, mesh) -> None:
+  """Raises MeshError for the first parameter dimension that its mesh axes do not divide.
+
+  `boxed_params`: the parameters as `model.init` returns them (boxed with logical axis names;
+  abstract is enough). `mesh`: a Mesh or AbstractMesh."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+  for path, leaf in leaves:
+    if not isinstance(leaf, nn.Partitioned):
+      continue
+    spec = nn.logical_to_mesh_axes(leaf.names, RULES)
+    for dim, (size, logical, axes) in enumerate(zip(leaf.value.shape, leaf.names, spec)):
+      if axes is None:
+        continue
+      names, label, n = _axes_size(mesh, axes)
+      if size % n:
+        name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+        fix = _FIXES.get(logical, 'change that dimension to a multiple of {n}').format(n=n)
+        raise MeshError(
+            f'the mesh axis {label} does not divide dimension {dim} of parameter {name} '
+            f'(logical axis {logical!r}, size {size}); {fix}, or set config.mesh.'
+            f'{" x ".join(names)} to a divisor of {size}')
+
+
+def check_batch(batch_size: int, mesh, field: str) -> None:
+  """Raises MeshError unless `batch_size` rows split evenly over the mesh's batch axes."""
+  _, label, n = _axes_size(mesh, BATCH_AXES)
+  if batch_size % n:
+    raise MeshError(
+        f'{field}={batch_size} is not divisible by the {n} batch shards of the mesh ({label}, '
+        f'the mesh axes of the logical axis activation_batch); make it a multiple of {n} or '
+        f'change config.mesh')
+
+
+# ---------------------------------------------------------------------------------------------
+# Running on the mesh.
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+  """The mesh and the rules in context: the model's `nn.with_logical_constraint` calls, no-ops
+  elsewhere, constrain its activations while a function traces inside."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    yield
+
+
+def jit(fn, mesh: Mesh, **jit_kwargs):
+  """`jax.jit(fn, **jit_kwargs)` that traces with the mesh and the rules active."""
+  jitted = jax.jit(fn, **jit_kwargs)
+
+  @functools.wraps(fn)
+  def call(*args):
+    with activate(mesh):
+      return jitted(*args)
+  return call
+
+
+def process_batch_block(mesh: Mesh) -> tuple[int, int]:
+  """(index, count): this process holds rows [index * B / count, (index + 1) * B / count) of every
+  global batch of B rows. Processes whose devices differ only along non-batch axes (tensor)
+  hold the same block; on one process it is (0, 1)."""
+  shards = batch_shards(mesh)
+  # A probe batch of one row per batch shard: each device's slice names the shard it holds.
+  indices = batch_sharding(mesh).addressable_devices_indices_map((shards, 1))
+  rows = sorted({index[0].start or 0 for index in indices.values()})
+  if rows != list(range(rows[0], rows[0] + len(rows))) or rows[0] % len(rows):
+    raise MeshError(f'the batch shards of this process ({rows} of {shards}) are not one '
+                    f'contiguous block of the mesh {dict(mesh.shape)}; order the mesh axes so '
+                    f'that each host holds whole batch blocks')
+  return rows[0] // len(rows), shards // len(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-host start-up.
+
+# Environment variables in which launchers give the number of processes they started.
+_PROCESS_COUNTS = ('JAX_NUM_PROCESSES', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
+
+
+def launched_as_several(environ=os.environ) -> bool:
+  """Whether the environment says this process is one of several: JAX's coordinator variable,
+  a launcher's process count above 1 (JAX_NUM_PROCESSES, Slurm, Open MPI), or a TPU slice
+  whose worker list (TPU_WORKER_HOSTNAMES, set on GKE) names several hosts."""
+  if environ.get('JAX_COORDINATOR_ADDRESS'):
+    return True
+  if any(int(environ.get(k) or 1) > 1 for k in _PROCESS_COUNTS):
+    return True
+  return len((environ.get('TPU_WORKER_HOSTNAMES') or '').split(',')) > 1
+
+
+def initialize_distributed(mode: str = 'auto', coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           environ=os.environ) -> bool:
+  """Starts `jax.distributed` (it must run before anything creates a JAX backend); returns
+  whether it did. mode 'on' always starts it, 'off' never, 'auto' when a coordinator or several
+  processes are given here or by the environment (`launched_as_several`). Values not given come
+  from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, else from JAX's cluster
+  detection (Cloud TPU metadata, Slurm, Open MPI). On CPU, processes talk through gloo."""
+  if mode not in ('auto', 'on', 'off'):
+    raise MeshError(f'--distributed={mode!r} is not known; choose auto, on or off')
+  num_processes = num_processes or _int_or_none(environ.get('JAX_NUM_PROCESSES'))
+  if process_id is None:
+    process_id = _int_or_none(environ.get('JAX_PROCESS_ID'))
+  wanted = mode == 'on' or (mode == 'auto' and (
+      bool(coordinator_address) or (num_processes or 1) > 1 or launched_as_several(environ)))
+  if wanted:
+    try:
+      jax.distributed.initialize(coordinator_address or None, num_processes, process_id)
+    except ValueError as e:  # nothing given and no cluster detected
+      raise MeshError(f'jax.distributed cannot start: {e} Outside Cloud TPU, Slurm and Open MPI, '
+                      f'give --coordinator_address=HOST:PORT of process 0, --num_processes and '
+                      f'--process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and '
+                      f'JAX_PROCESS_ID)') from e
+  return wanted
+
+
+def _int_or_none(value: str | None) -> int | None:
+  return int(value) if value else None
