@@ -33,6 +33,7 @@ CASES = [
     ('attn*2', {'data': 2, 'fsdp': 4}),
     ('attn*2', {'data': 2, 'fsdp': 2, 'tensor': 2}),
     ('attn*2', {'tensor': 8}),
+    ('attn:moe*2', {'data': 2, 'expert': 4}),
 ]
 
 
