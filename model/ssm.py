@@ -7,7 +7,8 @@
 
 with two implementations behind it: 'parallel' (`jax.lax.associative_scan` within chunks of the
 length, a `lax.scan` carrying the state across chunks, each chunk recomputed on the backward pass
-so memory stays bounded) and 'sequential' (`jax.lax.scan` over time steps, the reference).
+so memory stays bounded, and differentiated as the reverse-time recurrence) and 'sequential'
+(`jax.lax.scan` over time steps, the reference).
 
 The mixer (`mamba` in a block pattern): in_x and in_z projections, a causal depthwise conv on x,
 SiLU, projections of x to Δ (rank R, then up to Din), B and C, the scan gated by silu(z), and the
@@ -46,6 +47,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   """
   if impl not in SCAN_IMPLS:
     raise ValueError(f'selective_scan: impl={impl!r} is not known; choose one of {SCAN_IMPLS}')
+  if chunk < 1:
+    raise ValueError(f'selective_scan: chunk must be a positive number of steps, got {chunk}')
   batch, length, d_inner = u.shape
   n = A.shape[-1]
   expected = dict(delta=(batch, length, d_inner), A=(d_inner, n), B=(batch, length, n),
@@ -116,8 +119,8 @@ def _linear_recurrence(a, b):
   """h_t = a_t h_{t-1} + b_t along axis 1 from h_{-1} = 0, by `jax.lax.associative_scan`.
 
   Its gradient is the same kind of recurrence run backwards, g_b_t = g_h_t + a_{t+1} g_b_{t+1}
-  and g_a_t = g_b_t h_{t-1}: one more associative scan, about 2.5 times cheaper on CPU than
-  differentiating through the scan's slicing and interleaving."""
+  and g_a_t = g_b_t h_{t-1}: one more associative scan, 2.5 times faster on a CPU (measured on
+  one chunk of 32 steps) than differentiating through the scan's slicing and interleaving."""
   return jax.lax.associative_scan(_combine, (a, b), axis=1)[1]
 
 
