@@ -197,6 +197,10 @@ def _validate(c: ModelConfig):
     _require(0 < m.dt_min <= m.dt_max, f'need 0 < model.mamba.dt_min <= model.mamba.dt_max, '
              f'got {m.dt_min}, {m.dt_max}')
     _require(m.scan_chunk > 0, 'model.mamba.scan_chunk must be positive')
+    _require(m.dt_rank is None or m.dt_rank > 0, f'model.mamba.dt_rank must be positive (or None '
+             f'for ceil(d_model / 16)), got {m.dt_rank}')
+    _require(m.dt_init_floor > 0, f'model.mamba.dt_init_floor must be positive, got '
+             f'{m.dt_init_floor}')
 
 
 def check_context(c: ModelConfig, length: int, what: str = 'the sequence length'):
