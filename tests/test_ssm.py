@@ -188,7 +188,8 @@ def test_cached_decoding_equals_full_forward(pattern, scan_layers):
 
 
 def test_cached_generation_of_a_hybrid_equals_uncached_token_for_token():
-  cfg = tiny(pattern='mamba,attn')
+  # MoE-Mamba beside attention: every kind of decoding state (SSM, KV, expert slots) at once.
+  cfg = tiny(pattern='mamba:moe,attn')
   model, params = setup(cfg)
   prompt = jax.random.randint(jax.random.key(4), (3, 5), 0, cfg.vocab_size)
   kw = dict(max_new_tokens=10, sampling=Sampling(0.8, top_k=20))
@@ -217,9 +218,10 @@ def test_scanned_rematerialised_and_bfloat16_stacks_compute_the_same_function():
 
 
 def test_mamba_layers_with_and_without_a_feed_forward_train_on_shakespeare(tfds_dir, tmp_path):
-  # No attention: Mamba is the only mixer. Narrow (Din = D, N = 4) to keep the test quick.
+  # No attention: Mamba is the only mixer; the first layer is MoE-Mamba. Narrow (Din = D, N = 4)
+  # to keep the test quick.
   workdir = str(tmp_path / 'run')
-  config = run_config(tfds_dir, model=dict(pattern='mamba:mlp,mamba',
+  config = run_config(tfds_dir, model=dict(pattern='mamba:moe,mamba',
                                            mamba=dict(expand=1, d_state=4)),
                       train=dict(eval_every=40, checkpoint_every=40))
   final = train_and_evaluate(config, workdir)
