@@ -1,0 +1,36 @@
+"""Scaling laws of a small transformer on tiny shakespeare, on a 2-core CPU.
+
+  python -m experiments.scaling --workdir=/tmp/scaling_cpu --config=experiments/configs/scaling_cpu.py
+
+6 sizes x 3 token budgets = 18 runs. Depths 2..7 at d_model = 16 x depth (head width 16), RoPE,
+RMSNorm, SwiGLU with F = 4 d_model: N from 33k to 1.4M non-embedding parameters (43x). Budgets of
+D = 64k, 128k and 256k characters; each run decays its cosine schedule over its own budget. The
+measured wall time and the fitted exponents are in the README ("Scaling laws").
+
+Any block pattern can be swept: --config.sweep.pattern='(attn,attn:moe)*{depth}' puts an MoE
+feed-forward in every other layer, 'mamba*{depth}' sweeps Mamba, '(mamba*3,attn)*{depth}' a hybrid
+(the rule widens by the number of layers the pattern makes).
+"""
+
+from ml_collections import ConfigDict
+
+from experiments.configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.model.update(position='rope', norm='rmsnorm', activation='swiglu', dropout=0.0,
+                 scan_layers=False)
+  c.data.update(path=base.TINY_SHAKESPEARE, tfds_fallback='tiny_shakespeare', tokenizer='char',
+                seq_len=64)
+  c.train.update(batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20, schedule='cosine',
+                 b2=0.99, weight_decay=0.1, grad_clip=1.0, steps_per_call=25, log_every=100,
+                 eval_every=0, eval_batch_size=128, checkpoint_every=250, keep_checkpoints=1)
+  c.sweep = ConfigDict(dict(
+      pattern='attn*{depth}',       # the block pattern; the size rule fills in {depth}
+      depths=(2, 3, 4, 5, 6, 7),    # one model size each
+      aspect_ratio=16,              # d_model = aspect_ratio x layers (Kaplan et al.'s shape)
+      head_dim=16,                  # num_heads = d_model / head_dim
+      tokens=(65_536, 131_072, 262_144),  # token budgets D: num_steps = D / (batch x seq_len)
+  ))
+  return c
