@@ -12,6 +12,9 @@ with num_steps set by its token budget, so its learning-rate schedule decays ove
 rule sets width and depth from one number, the depth: the block pattern is `sweep.pattern` with
 {depth} filled in, d_model = sweep.aspect_ratio x its number of layers (rounded to a multiple of
 sweep.head_dim), num_heads = d_model / head_dim, and the feed-forward keeps its ratio to d_model.
+The grid is every depth x every budget in sweep.tokens, less the runs above sweep.max_flops: the
+costly corner of large models on large budgets says little about the compute-optimal frontier,
+while small models on large budgets are what brackets it (the IsoFLOP minima).
 
 A finished run appends one row to DIR/runs.jsonl: the point (depth, d_model, pattern), N (non-
 embedding parameters, `model.count_params`), D (tokens trained), C (its model FLOPs:
@@ -45,14 +48,13 @@ config_flags.DEFINE_config_file('config', None, 'Sweep config (experiments/confi
 flags.DEFINE_string('workdir', None, 'Sweep directory: runs/, runs.jsonl, summary.json, plots.')
 flags.DEFINE_string('shard', '0/1', 'i/n: run every n-th grid point starting from the i-th.')
 flags.DEFINE_list('compare', [], 'Sweep directories to compare on one figure in --workdir.')
-flags.DEFINE_integer('bootstrap', 200, 'Bootstrap resamples for the fits\' intervals.')
+flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the fits\' intervals.')
 flags.DEFINE_bool('dry_run', False, 'Print the grid (N, D, FLOPs of every run) and stop.')
 flags.mark_flag_as_required('workdir')
 
 RUNS_FILE = 'runs.jsonl'
 SUMMARY_FILE = 'summary.json'
 PLOT_FILE = 'scaling.png'
-# Settings that change how a run reports, not what it computes: a finished row still stands.
 CORPUS_CONFIG = 'data.json'
 
 
@@ -62,12 +64,25 @@ class SweepError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-  """One run of the grid: its name, the size rule's depth, and its training config."""
+  """One run of the grid: its name, the size rule's depth, its training config, its parameter
+  counts (model.count_params), training FLOPs per token and tokens."""
   name: str
   depth: int
   config: Any
+  counts: Any
+  flops_per_token: float
+  D: int
+
+  @property
+  def N(self) -> int:
+    return self.counts.non_embedding
+
+  @property
+  def C(self) -> float:
+    return self.flops_per_token * self.D
 
 
+# Settings that change how a run reports, not what it computes: a finished row still stands.
 REPORTING_FIELDS = {'train.peak_flops', 'train.log_every', 'train.eval_every', 'train.eval_batches',
                     'train.eval_batch_size', 'train.checkpoint_every', 'train.keep_checkpoints',
                     'train.steps_per_call', 'data.tfds_data_dir', 'model.vocab_size'}
@@ -89,10 +104,11 @@ def run_name(depth: int, tokens: int) -> str:
   return f'depth{depth}_tokens{tokens}'
 
 
-def grid(config) -> list[Point]:
-  """Every point of the grid, in order of depth, then budget."""
+def grid(config, vocab: int) -> list[Point]:
+  """Every point of the grid whose training FLOPs are within sweep.max_flops, in order of
+  depth, then budget. `vocab`: the models' vocabulary size (see `vocab_size`)."""
   import ml_collections
-  from model import ConfigError
+  from model import ConfigError, ModelConfig, count_params, training_flops_per_token
   sweep, tc, dc = config.sweep, config.train, config.data
   if config.model.d_ff is not None:
     raise ConfigError(f'model.d_ff={config.model.d_ff} would stay fixed while the sweep widens the '
@@ -110,7 +126,13 @@ def grid(config) -> list[Point]:
                                                                       'mesh')})
       c.model.update(size_rule(sweep, depth))
       c.train.num_steps = steps
-      points.append(Point(run_name(depth, tokens), depth, c))
+      model_cfg = ModelConfig.from_dict(dict(c.model.to_dict(), vocab_size=vocab))
+      point = Point(run_name(depth, tokens), depth, c, count_params(model_cfg),
+                    training_flops_per_token(model_cfg, dc.seq_len), steps * tokens_per_step)
+      if not sweep.max_flops or point.C <= sweep.max_flops:
+        points.append(point)
+  if not points:
+    raise ConfigError(f'sweep.max_flops={sweep.max_flops:.3g} leaves no run of the grid; raise it')
   return points
 
 
@@ -144,19 +166,9 @@ def append_run(workdir: str, row: dict) -> None:
     os.close(fd)
 
 
-def _flat(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[prefix + k] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
 def check_finished(row: dict, config, workdir: str) -> None:
   """A finished row must come from the same training config: refuses to mix results."""
-  from train.workdir import RunError
+  from train.workdir import RunError, _flat
   old, new = _flat(row['config']), _flat(config.to_dict())
   diffs = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
            if k not in REPORTING_FIELDS and old.get(k) != new.get(k)]
@@ -211,51 +223,39 @@ def vocab_size(config, workdir: str) -> int:
   return tokenizers.load(os.path.join(prepare_corpus(config, workdir), 'tokenizer')).vocab_size
 
 
-def plan(points: list[Point], vocab: int) -> str:
+def plan(points: list[Point]) -> str:
   """The grid as a table: every run's size, tokens and training FLOPs, and their total."""
-  from model import ModelConfig, count_params, training_flops_per_token
   lines = [f'{"run":<26} {"pattern":<16} {"d_model":>7} {"N":>13} {"D":>15} {"C":>9}']
-  total = 0.0
   for p in points:
-    c = p.config
-    model_cfg = ModelConfig.from_dict(dict(c.model.to_dict(), vocab_size=vocab))
-    tokens = c.train.num_steps * c.train.batch_size * c.data.seq_len
-    flops = training_flops_per_token(model_cfg, c.data.seq_len) * tokens
-    total += flops
-    lines.append(f'{p.name:<26} {c.model.pattern:<16} {c.model.d_model:>7} '
-                 f'{count_params(model_cfg).non_embedding:>13,} {tokens:>15,} {flops:>9.3g}')
-  lines.append(f'{len(points)} runs, {total:.3g} training FLOPs in all (C = model.'
-               f'training_flops_per_token x D; the final evaluations add a little)')
+    lines.append(f'{p.name:<26} {p.config.model.pattern:<16} {p.config.model.d_model:>7} '
+                 f'{p.N:>13,} {p.D:>15,} {p.C:>9.3g}')
+  lines.append(f'{len(points)} runs, {sum(p.C for p in points):.3g} training FLOPs in all '
+               f'(C = model.training_flops_per_token x D; the final evaluations add a little)')
   return '\n'.join(lines)
 
 
-def result_row(point: Point, run_dir: str, final: dict) -> dict:
+def result_row(point: Point, final: dict) -> dict:
   """The runs.jsonl row of a finished run."""
-  from model import ModelConfig, count_params, training_flops_per_token
-  from train import workdir as workdir_lib
-  model_cfg = ModelConfig.from_dict(workdir_lib.load_config(run_dir).model)  # vocab resolved
-  counts = count_params(model_cfg)
-  config = point.config
-  tokens = final['step'] * config.train.batch_size * config.data.seq_len
-  flops_per_token = training_flops_per_token(model_cfg, config.data.seq_len)
-  return dict(name=point.name, depth=point.depth, pattern=model_cfg.pattern,
-              d_model=model_cfg.d_model, N=counts.non_embedding, N_total=counts.total,
-              N_active=counts.active_non_embedding, D=tokens, C=flops_per_token * tokens,
-              C_6ND=6.0 * counts.non_embedding * tokens, flops_per_token=flops_per_token,
+  c = point.config
+  return dict(name=point.name, depth=point.depth, pattern=c.model.pattern,
+              d_model=c.model.d_model, N=point.N, N_total=point.counts.total,
+              N_active=point.counts.active_non_embedding, D=point.D, C=point.C,
+              C_6ND=6.0 * point.N * point.D, flops_per_token=point.flops_per_token,
               loss=final['val_loss'], val_bits_per_char=final['val_bits_per_char'],
               steps=final['step'], wall_s=final['wall_s'], compile_s=final['compile_s'],
-              config=config.to_dict())
+              config=c.to_dict())
 
 
 def sweep(config, workdir: str, shard: tuple[int, int] = (0, 1),
-          num_bootstrap: int = 200) -> dict[str, dict]:
+          num_bootstrap: int = 100) -> dict[str, dict]:
   """Runs this shard's unfinished grid points; fits and plots once the whole grid is done.
   Returns the rows of runs.jsonl by name."""
   import jax
   from train import loop, perf
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  points = grid(config)
+  corpus = prepare_corpus(config, workdir)
+  points = grid(config, vocab_size(config, workdir))
   done = read_runs(workdir)
   mine = points[shard[0]::shard[1]]
   for p in mine:
@@ -264,11 +264,8 @@ def sweep(config, workdir: str, shard: tuple[int, int] = (0, 1),
   todo = [p for p in mine if p.name not in done]
   print(f'sweep: {len(points)} runs in the grid, {len(mine)} in shard {shard[0]}/{shard[1]}, '
         f'{len(todo)} to run', flush=True)
-  if not todo:
-    corpus = None
-  else:
-    corpus = prepare_corpus(config, workdir)
-    print(plan(todo, vocab_size(config, workdir)), flush=True)
+  if todo:
+    print(plan(todo), flush=True)
   peak = config.train.peak_flops
   if todo and not peak:  # measured once for the sweep, not at the start of every run
     peak = perf.measure_peak_flops(config.model.dtype) * jax.device_count()
@@ -281,7 +278,7 @@ def sweep(config, workdir: str, shard: tuple[int, int] = (0, 1),
           f'{p.config.model.d_model}, {p.config.train.num_steps} steps', flush=True)
     final = loop.train_and_evaluate(p.config, run_dir)
     if chief:
-      append_run(workdir, result_row(p, run_dir, final))
+      append_run(workdir, result_row(p, final))
   print(f'sweep: {len(todo)} runs in {time.time() - start:.0f}s', flush=True)
   done = read_runs(workdir)
   missing = [p.name for p in points if p.name not in done]
@@ -293,7 +290,7 @@ def sweep(config, workdir: str, shard: tuple[int, int] = (0, 1),
   return done
 
 
-def analyze(workdir: str, num_bootstrap: int = 200) -> dict:
+def analyze(workdir: str, num_bootstrap: int = 100) -> dict:
   """Fits every law to DIR/runs.jsonl -> DIR/summary.json, and plots them -> DIR/scaling.png."""
   from experiments import scaling_fits, scaling_plots
   runs = list(read_runs(workdir).values())
@@ -312,7 +309,7 @@ def analyze(workdir: str, num_bootstrap: int = 200) -> dict:
   return summary
 
 
-def compare(workdirs: list[str], out: str, num_bootstrap: int = 200) -> str:
+def compare(workdirs: list[str], out: str, num_bootstrap: int = 100) -> str:
   """One figure of several sweeps' laws, OUT/compare.png; a sweep without summary.json is fitted
   first."""
   from experiments import scaling_plots
@@ -344,7 +341,7 @@ def main(argv):
     elif f.config is None:
       analyze(f.workdir, f.bootstrap)
     elif f.dry_run:
-      print(plan(grid(f.config), vocab_size(f.config, f.workdir)))
+      print(plan(grid(f.config, vocab_size(f.config, f.workdir))))
     else:
       sweep(f.config, f.workdir, parse_shard(f.shard), f.bootstrap)
   except (*USER_ERRORS, SweepError) as e:

@@ -31,7 +31,7 @@ CHINCHILLA_HUBER_DELTA = 1e-3
 GRID_E = (-1.0, -0.5, 0.0, 0.5, 1.0)
 GRID_A = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)
 GRID_ALPHA = (0.0, 0.5, 1.0, 1.5, 2.0)
-GRID_KEEP = 32        # L-BFGS runs from this many of the grid's best points
+GRID_KEEP = 16        # L-BFGS runs from this many of the grid's best points
 BOOTSTRAP_STARTS = 3  # a refit on resampled runs: the best few, and the full-data optimum
 
 
@@ -256,29 +256,26 @@ def _log_linear(x, y) -> tuple[float, float, float]:
 
 
 def frontier(runs, start=None) -> dict:
-  """The compute-optimal frontier: N_opt ~ C^a and D_opt ~ C^b fitted through the IsoFLOP minima
-  (least squares in log-log), and L = E + A C^-gamma fitted on the loss envelope."""
+  """The compute-optimal allocation: N_opt ~ C^a and D_opt ~ C^b, fitted (least squares in
+  log-log) through the IsoFLOP minima."""
   minima = [p for p in isoflop_profiles(runs) if p['N_opt'] is not None]
-  _need(len(minima), 2, 'IsoFLOP profiles with a minimum inside the model sizes (widen the '
-        'grid of budgets, or add sizes)', start is not None)
+  _need(len(minima), 2, 'IsoFLOP profiles with a minimum inside the model sizes (add budgets '
+        'that bracket the optimum: more tokens for the small models)', start is not None)
   c = _column(minima, 'C')
   a, a0, a_r2 = _log_linear(c, _column(minima, 'N_opt'))
   b, b0, b_r2 = _log_linear(c, _column(minima, 'D_opt'))
-  out = dict(a=a, b=b, a_r2=a_r2, b_r2=b_r2, log_N_opt_intercept=a0, log_D_opt_intercept=b0)
-  out['loss_vs_C'] = None  # a short envelope: the exponents stand without the loss law
+  return dict(a=a, b=b, a_r2=a_r2, b_r2=b_r2, log_N_opt_intercept=a0, log_D_opt_intercept=b0)
+
+
+def loss_vs_C(runs, start=None) -> dict:
+  """L = E + A C^-gamma, fitted to the loss envelope (the best loss reached at each compute)."""
   env = envelope(runs)
-  if start is None or start['loss_vs_C'] is not None:
-    try:
-      out['loss_vs_C'] = _one_term(_column(env, 'C'), _column(env, 'loss'), ('A', 'gamma'),
-                                   None if start is None else start['loss_vs_C'])
-    except NotEnoughData:
-      pass
-  return out
+  return _one_term(_column(env, 'C'), _column(env, 'loss'), ('A', 'gamma'), start)
 
 
 def with_intervals(fit: Callable[..., dict], runs: list[dict], num_samples: int,
                    rng: np.random.Generator) -> dict:
-  """fit(runs), plus '<key>_ci': [2.5%, 97.5%] for every float it returns (nested one level),
+  """fit(runs), plus '<key>_ci': [2.5%, 97.5%] for every value it returns,
   from refits on `num_samples` resamples of the runs; 'bootstrap' counts the refits that had
   enough data. A fit without enough data returns {'skipped': reason}."""
   try:
@@ -298,35 +295,40 @@ def with_intervals(fit: Callable[..., dict], runs: list[dict], num_samples: int,
 def _add_intervals(estimate: dict, samples: list[dict]) -> dict:
   out = {}
   for key, value in estimate.items():
-    if isinstance(value, dict):
-      out[key] = _add_intervals(value, [s[key] for s in samples if s.get(key) is not None])
-      continue
+    values = [s[key] for s in samples if np.isfinite(s[key])]
     out[key] = value
-    if isinstance(value, float):
-      values = [s[key] for s in samples if np.isfinite(s[key])]
-      out[f'{key}_ci'] = (np.percentile(values, [2.5, 97.5]).tolist() if values
-                          else [float('nan')] * 2)
+    out[f'{key}_ci'] = (np.percentile(values, [2.5, 97.5]).tolist() if values
+                        else [float('nan')] * 2)
   return out
 
 
-def summarize(runs: list[dict], num_bootstrap: int = 200, seed: int = 0) -> dict:
+def _widest_slice(runs, key: str, across: str):
+  """The value of `key` (a budget D, or a size N) whose runs cover the most values of `across`,
+  the largest such: the largest D and N of a full grid; of a grid cut by sweep.max_flops, the
+  budget every size ran, and the size that ran every budget."""
+  return max({r[key] for r in runs},
+             key=lambda v: (len({r[across] for r in runs if r[key] == v}), v))
+
+
+def summarize(runs: list[dict], num_bootstrap: int = 100, seed: int = 0) -> dict:
   """Every fit of a sweep with its intervals: the content of summary.json. Each fit resamples
-  the runs it is fitted to: L(N) those of the largest budget, L(D) those of the largest model,
+  the runs it is fitted to: L(N) those of one budget, L(D) those of one size (`_widest_slice`),
   the others all runs."""
   rng = np.random.default_rng(seed)
-  d_max, n_max = max(r['D'] for r in runs), max(r['N'] for r in runs)
+  d_n, n_d = _widest_slice(runs, 'D', 'N'), _widest_slice(runs, 'N', 'D')
   return {
       'num_runs': len(runs),
       'model_sizes': sorted({r['N'] for r in runs}),
       'token_budgets': sorted({r['D'] for r in runs}),
       'compute': 'C = training FLOPs per token (model.training_flops_per_token: 6 x (N + D x V) '
                  'plus attention) x D tokens',
-      'loss_vs_N': dict(with_intervals(loss_vs_N, [r for r in runs if r['D'] == d_max],
-                                       num_bootstrap, rng), D=d_max),
-      'loss_vs_D': dict(with_intervals(loss_vs_D, [r for r in runs if r['N'] == n_max],
-                                       num_bootstrap, rng), N=n_max),
+      'loss_vs_N': dict(with_intervals(loss_vs_N, [r for r in runs if r['D'] == d_n],
+                                       num_bootstrap, rng), D=d_n),
+      'loss_vs_D': dict(with_intervals(loss_vs_D, [r for r in runs if r['N'] == n_d],
+                                       num_bootstrap, rng), N=n_d),
       'chinchilla': with_intervals(chinchilla, runs, num_bootstrap, rng),
       'frontier': dict(with_intervals(frontier, runs, num_bootstrap, rng),
+                       loss_vs_C=with_intervals(loss_vs_C, runs, num_bootstrap, rng),
                        envelope=[{k: r[k] for k in ('N', 'D', 'C', 'loss')}
                                  for r in envelope(runs)],
                        isoflop_minima=[{k: p[k] for k in ('C', 'N_opt', 'D_opt', 'L_opt')}
@@ -352,6 +354,8 @@ def describe(summary: dict) -> str:
       *_describe_fit('L(D) = E + B D^-beta', summary['loss_vs_D'], ('E', 'beta')),
       *_describe_fit('L(N, D) = E + A/N^alpha + B/D^beta', summary['chinchilla'],
                      ('E', 'alpha', 'beta')),
+      *_describe_fit('Envelope L(C) = E + A C^-gamma', summary['frontier']['loss_vs_C'],
+                     ('E', 'gamma')),
       *_describe_fit('IsoFLOP minima: N_opt ~ C^a', summary['frontier'], ('a',), 'a_r2'),
       *_describe_fit('IsoFLOP minima: D_opt ~ C^b', summary['frontier'], ('b',), 'b_r2'),
   ])

@@ -8,6 +8,8 @@ and the fitted constants. matplotlib's object API (no pyplot): nothing global, n
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 from matplotlib import cm
 from matplotlib.figure import Figure
@@ -65,8 +67,10 @@ def loss_against(ax, runs, summary, x: str, by: str) -> None:
     exponent = 'alpha' if x == 'N' else 'beta'
     ax.plot(xs, law(xs), 'k--', lw=1.2,
             label=f'{exponent} = {fit[exponent]:.2f} (R$^2$ {fit["r2"]:.3f})')
-  ax.set(xscale='log', yscale='log', xlabel=f'{x} ({"non-embedding parameters" if x == "N" else "tokens"})',
-         ylabel='validation loss', title=f'loss vs {x} (dotted: Chinchilla fit)')
+  if law2 is not None:
+    ax.plot([], [], 'k:', lw=1, label='Chinchilla fit')
+  ax.set(xscale='log', xlabel=f'{x} ({"non-embedding parameters" if x == "N" else "tokens"})',
+         ylabel='validation loss', title=f'loss vs {x}')
   ax.legend(fontsize=7)
 
 
@@ -83,16 +87,16 @@ def loss_against_compute(ax, runs, summary, color=None, label=None) -> None:
   ax.plot(_column(env, 'C'), _column(env, 'loss'), 's-', color=color or 'k', ms=4, lw=1.5,
           label=f'{label + ": " if label else ""}envelope')
   fr = summary['frontier']
-  law = _one_term(fr.get('loss_vs_C'), 'A', 'gamma')
+  law = _one_term(fr['loss_vs_C'], 'A', 'gamma')
   if law is not None:
     cs = _span(_column(runs, 'C'))
     ax.plot(cs, law(cs), '--', color=color or 'k', lw=1,
             label=f'gamma = {fr["loss_vs_C"]["gamma"]:.3f}')
-  minima = fr.get('isoflop_minima', [])
+  minima = fr['isoflop_minima']
   if minima and color is None:
     ax.plot(_column(minima, 'C'), _column(minima, 'L_opt'), '*', color='tab:red', ms=9,
             label='IsoFLOP minima')
-  ax.set(xscale='log', yscale='log', xlabel='C (training FLOPs)', ylabel='validation loss',
+  ax.set(xscale='log', xlabel='C (training FLOPs)', ylabel='validation loss',
          title='loss vs compute')
   ax.legend(fontsize=7)
 
@@ -111,12 +115,14 @@ def isoflop(ax, runs) -> None:
   ax.set(xscale='log', xlabel='N', ylabel='validation loss', title='IsoFLOP profiles')
   if profiles:
     ax.legend(fontsize=6, ncol=2)
+  else:
+    ax.text(0.5, 0.5, 'no compute level reaches 3 sizes', ha='center', transform=ax.transAxes)
 
 
 def optimal_allocation(ax, summary, color=None, label=None) -> None:
   """N_opt and D_opt against compute, with the fitted power laws."""
   fr = summary['frontier']
-  minima = fr.get('isoflop_minima', [])
+  minima = fr['isoflop_minima']
   if not minima:
     ax.text(0.5, 0.5, 'no IsoFLOP minima', ha='center', transform=ax.transAxes)
     return
@@ -138,8 +144,10 @@ def optimal_allocation(ax, summary, color=None, label=None) -> None:
 def constants(ax, summary) -> None:
   """The fitted constants with their 95% bootstrap intervals, as text."""
   ax.axis('off')
-  ax.text(0.0, 1.0, scaling_fits.describe(summary), va='top', ha='left', family='monospace',
-          fontsize=7, transform=ax.transAxes)
+  lines = [textwrap.fill(line, 64, subsequent_indent='    ')
+           for line in scaling_fits.describe(summary).splitlines()]
+  ax.text(0.0, 1.0, '\n'.join(lines), va='top', ha='left', family='monospace', fontsize=7,
+          transform=ax.transAxes)
   ax.set_title('fits, 95% bootstrap intervals')
 
 
@@ -172,7 +180,7 @@ def plot_compare(sweeps, path: str) -> None:
                 label=f'{label}: alpha = {fit["alpha"]:.2f} (D = {_short(d_max)})')
     loss_against_compute(ax_c, runs, summary, color=color, label=label)
     optimal_allocation(ax_opt, summary, color=color, label=label)
-  ax_n.set(xscale='log', yscale='log', xlabel='N (non-embedding parameters)',
+  ax_n.set(xscale='log', xlabel='N (non-embedding parameters)',
            ylabel='validation loss', title='loss vs N at the largest budget')
   ax_n.legend(fontsize=7)
   fig.savefig(path)

@@ -4,6 +4,7 @@ grid, skips finished runs, resumes an interrupted one, shards the grid, and writ
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -46,7 +47,7 @@ def test_fits_recover_known_laws_with_intervals():
   assert abs(ln['alpha'] - ALPHA) < 0.05 and ln['r2'] > 0.99 and ln['D'] == max(s['token_budgets'])
   assert abs(ld['beta'] - BETA) < 0.05 and ld['r2'] > 0.99
   # Chinchilla's fit recovers every constant; its intervals hold the true exponents.
-  assert abs(ch["alpha"] - ALPHA) < 0.03 and abs(ch["beta"] - BETA) < 0.03
+  assert abs(ch['alpha'] - ALPHA) < 0.03 and abs(ch['beta'] - BETA) < 0.03
   assert abs(ch['E'] - E) < 0.2 and ch['r2'] > 0.99
   assert ch['alpha_ci'][0] < ALPHA < ch['alpha_ci'][1] and ch['beta_ci'][0] < BETA < ch['beta_ci'][1]
   # The IsoFLOP minima give the compute-optimal split: a = beta/(alpha+beta), b = 1 - a for C=6ND.
@@ -56,6 +57,9 @@ def test_fits_recover_known_laws_with_intervals():
   assert fr['isoflop_minima'] and all(p['N_opt'] > 0 for p in fr['isoflop_minima'])
   env = fr['envelope']
   assert all(x['C'] < y['C'] and x['loss'] > y['loss'] for x, y in zip(env, env[1:]))
+  # ... and the envelope falls as C^-(alpha beta / (alpha + beta)), the optimal allocation's rate.
+  assert fr['loss_vs_C']['r2'] > 0.98
+  assert abs(fr['loss_vs_C']['gamma'] - ALPHA * BETA / (ALPHA + BETA)) < 0.03
   for fit, keys in ((ln, ('E', 'A', 'alpha')), (ld, ('E', 'B', 'beta')),
                     (ch, ('E', 'A', 'B', 'alpha', 'beta')), (fr, ('a', 'b'))):
     for k in keys:
@@ -65,8 +69,9 @@ def test_fits_recover_known_laws_with_intervals():
   json.dumps(s)  # summary.json's content
 
 
-def test_analyze_and_compare_from_the_command_line(tmp_path):
-  # Two 'sweeps' of different laws: refit and plot each, then one figure comparing them.
+def test_analyze_and_compare(tmp_path):
+  # Two sweeps' runs.jsonl (the second noisier): refit and plot one from the command line, then
+  # compare both on one figure (fitting the second on the way).
   dirs = [tmp_path / 'dense', tmp_path / 'other']
   for d, noise in zip(dirs, (0.005, 0.02)):
     d.mkdir()
@@ -79,22 +84,20 @@ def test_analyze_and_compare_from_the_command_line(tmp_path):
 
   result = run(f'--workdir={dirs[0]}', '--bootstrap=5')
   assert result.returncode == 0, result.stderr
-  assert 'L(N) = E + A N^-alpha: R2 0.99' in result.stdout
+  assert re.search(r'L\(N\) = E \+ A N\^-alpha: R2 (0\.99\d|1\.000)', result.stdout)
   summary = json.load(open(dirs[0] / 'summary.json'))
   assert summary['num_runs'] == 30 and summary['total_run_wall_s'] == 30.0
   assert os.path.getsize(dirs[0] / 'scaling.png') > 10_000
 
-  result = run(f'--workdir={tmp_path / "cmp"}', f'--compare={dirs[0]},{dirs[1]}', '--bootstrap=5')
-  assert result.returncode == 0, result.stderr
-  assert os.path.getsize(tmp_path / 'cmp' / 'compare.png') > 10_000
-  assert (dirs[1] / 'summary.json').exists()  # fitted on the way
+  out = scaling.compare([str(d) for d in dirs], str(tmp_path / 'cmp'), num_bootstrap=5)
+  assert os.path.getsize(out) > 10_000 and (dirs[1] / 'summary.json').exists()
 
-  for args, message in (((f'--workdir={tmp_path}/x', '--config=experiments/configs/scaling_cpu.py',
-                          '--shard=2/2'), "--shard='2/2': write i/n with 0 <= i < n"),
-                        ((f'--workdir={tmp_path}/empty',), 'holds no runs')):
-    result = run(*args)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert 'Traceback' not in result.stderr
+  result = run(f'--workdir={tmp_path}/x', '--config=experiments/configs/scaling_cpu.py',
+               '--shard=2/2')
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert "--shard='2/2': write i/n with 0 <= i < n" in result.stderr, result.stderr
+  with pytest.raises(scaling.SweepError, match='holds no runs'):
+    scaling.analyze(str(tmp_path / 'empty'))
 
 
 class Preempted(Exception):
@@ -112,9 +115,14 @@ def tiny_sweep(tfds_dir):
 
 def test_sweep_shards_resumes_skips_and_records(tfds_dir, tmp_path, monkeypatch, capfd):
   config, workdir = tiny_sweep(tfds_dir), str(tmp_path / 'sweep')
-  names = [p.name for p in scaling.grid(config)]
+  names = [p.name for p in scaling.grid(config, vocab=65)]
   assert names == ['depth1_tokens2048', 'depth1_tokens4096', 'depth2_tokens2048',
                    'depth2_tokens4096']
+  # A compute cap leaves out the runs above it: here the larger model's larger budget.
+  capped = scaling.grid(config, vocab=65)[:3]
+  config.sweep.max_flops = max(p.C for p in capped)
+  assert [p.name for p in scaling.grid(config, vocab=65)] == [p.name for p in capped]
+  config.sweep.max_flops = 0.0
 
   # Shard 0 of 2 is killed in its second run, after the checkpoint at step 8.
   write = MetricWriter.write

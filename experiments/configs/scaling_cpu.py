@@ -24,13 +24,16 @@ def get_config():
   c.data.update(path=base.TINY_SHAKESPEARE, tfds_fallback='tiny_shakespeare', tokenizer='char',
                 seq_len=64)
   c.train.update(batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20, schedule='cosine',
-                 b2=0.99, weight_decay=0.1, grad_clip=1.0, steps_per_call=25, log_every=100,
-                 eval_every=0, eval_batch_size=128, checkpoint_every=250, keep_checkpoints=1)
+                 b2=0.99, weight_decay=0.1, grad_clip=1.0, steps_per_call=32, log_every=256,
+                 eval_every=0, eval_batch_size=128, checkpoint_every=512, keep_checkpoints=1)
   c.sweep = ConfigDict(dict(
       pattern='attn*{depth}',       # the block pattern; the size rule fills in {depth}
-      depths=(2, 3, 4, 5, 6, 7),    # one model size each
+      depths=(1, 2, 3, 4, 5, 6),    # one model size each
       aspect_ratio=16,              # d_model = aspect_ratio x layers (Kaplan et al.'s shape)
       head_dim=16,                  # num_heads = d_model / head_dim
-      tokens=(65_536, 131_072, 262_144),  # token budgets D: num_steps = D / (batch x seq_len)
+      # Token budgets D, 2^16..2^22: num_steps = D / (batch_size x seq_len), multiples of
+      # steps_per_call (a shorter last call would compile again).
+      tokens=tuple(2 ** k for k in range(16, 23)),
+      max_flops=6e11,               # leave out runs above this many training FLOPs; 0: none
   ))
   return c
