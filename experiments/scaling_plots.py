@@ -130,12 +130,14 @@ def optimal_allocation(ax, summary, color=None, label=None) -> None:
   cs = _span(c)
   for key, exp, marker, default in (('N_opt', 'a', 'o', 'tab:blue'),
                                     ('D_opt', 'b', 's', 'tab:orange')):
-    col = color or default
-    ax.plot(c, _column(minima, key), marker, color=col, ms=4)
-    if exp in fr:
+    col, prefix = color or default, f'{label}: ' if label else ''
+    fitted = exp in fr  # a fit needs three minima
+    ax.plot(c, _column(minima, key), marker, color=col, ms=4,
+            label=None if fitted else f'{prefix}{key} (too few minima to fit)')
+    if fitted:
       intercept = fr['log_N_opt_intercept' if key == 'N_opt' else 'log_D_opt_intercept']
       ax.plot(cs, np.exp(intercept) * cs ** fr[exp], '-' if key == 'N_opt' else '--', color=col,
-              lw=1, label=f'{label + ": " if label else ""}{key} ~ C^{fr[exp]:.2f}')
+              lw=1, label=f'{prefix}{key} ~ C^{fr[exp]:.2f}')
   ax.set(xscale='log', yscale='log', xlabel='C (training FLOPs)', ylabel='N_opt, D_opt',
          title='compute-optimal allocation')
   ax.legend(fontsize=7)

@@ -2,10 +2,13 @@
 
   python -m experiments.scaling --workdir=/tmp/scaling_cpu --config=experiments/configs/scaling_cpu.py
 
-6 sizes x 3 token budgets = 18 runs. Depths 2..7 at d_model = 16 x depth (head width 16), RoPE,
-RMSNorm, SwiGLU with F = 4 d_model: N from 33k to 1.4M non-embedding parameters (43x). Budgets of
-D = 64k, 128k and 256k characters; each run decays its cosine schedule over its own budget. The
-measured wall time and the fitted exponents are in the README ("Scaling laws").
+Depths 1..6 at d_model = 16 x depth (head width 16), RoPE, RMSNorm, SwiGLU with F = 4 d_model:
+N from 4.1k to 886k non-embedding parameters (214x). Budgets D of 2^16..2^22 characters (64k to
+4.2M), each run's cosine schedule over its own budget; runs above 8e11 training FLOPs are left
+out, so the small models get the long budgets that bracket the compute-optimal frontier and every
+size runs 64k and 131k. 24 runs, 4.9e12 training FLOPs (`--dry_run` lists them). L(N) is fitted
+at 131k, the largest budget every size ran. The measured wall time and the fitted exponents are
+in the README ("Scaling laws").
 
 Any block pattern can be swept: --config.sweep.pattern='(attn,attn:moe)*{depth}' puts an MoE
 feed-forward in every other layer, 'mamba*{depth}' sweeps Mamba, '(mamba*3,attn)*{depth}' a hybrid
@@ -34,6 +37,6 @@ def get_config():
       # Token budgets D, 2^16..2^22: num_steps = D / (batch_size x seq_len), multiples of
       # steps_per_call (a shorter last call would compile again).
       tokens=tuple(2 ** k for k in range(16, 23)),
-      max_flops=6e11,               # leave out runs above this many training FLOPs; 0: none
+      max_flops=8e11,               # leave out runs above this many training FLOPs; 0: none
   ))
   return c
