@@ -182,7 +182,9 @@ def prepare_corpus(config, workdir: str) -> str:
   a private directory and renamed into place, so shards racing to prepare it agree on one."""
   from train import workdir as workdir_lib
   corpus = os.path.join(workdir, 'corpus')
-  data = {k: v for k, v in config.data.to_dict().items() if k != 'tfds_data_dir'}
+  # The data section as JSON reads it back (tuples become lists), to compare with the saved one.
+  data = json.loads(json.dumps({k: v for k, v in config.data.to_dict().items()
+                                if k != 'tfds_data_dir'}))
   if not os.path.exists(corpus):
     scratch = f'{corpus}.{os.getpid()}'
     workdir_lib.prepare_data(config, scratch)
@@ -194,11 +196,11 @@ def prepare_corpus(config, workdir: str) -> str:
       shutil.rmtree(scratch)
   with open(os.path.join(corpus, CORPUS_CONFIG)) as f:
     prepared = json.load(f)
-  if prepared != json.loads(json.dumps(data)):
-    diffs = [f'data.{k}: {prepared.get(k)!r} -> {v!r}' for k, v in json.loads(json.dumps(data)).items()
+  if prepared != data:
+    diffs = [f'data.{k}: {prepared.get(k)!r} -> {v!r}' for k, v in data.items()
              if prepared.get(k) != v]
-    raise SweepError(f'{corpus} was prepared from another corpus or tokenizer ({"; ".join(diffs)}); '
-                     f'use a new --workdir for a new sweep')
+    raise SweepError(f'{corpus} was prepared from another corpus or tokenizer '
+                     f'({"; ".join(diffs)}); use a new --workdir for a new sweep')
   return corpus
 
 

@@ -44,14 +44,14 @@ def _chinchilla(summary):
 
 
 def _one_term(fit, coef: str, exponent: str):
-  if fit is None or 'skipped' in fit:
+  if 'skipped' in fit:
     return None
   return scaling_fits.Law(fit['E'], (fit[coef],), (fit[exponent],))
 
 
 def loss_against(ax, runs, summary, x: str, by: str) -> None:
   """Loss against N (x='N', one line per D) or D (x='D', one line per N): the points, the
-  Chinchilla fit through them (dotted) and the one-variable law at the largest `by` (dashed)."""
+  Chinchilla fit through them (dotted) and L(N) or L(D) on the runs it was fitted to (dashed)."""
   groups = sorted({r[by] for r in runs})
   law2 = _chinchilla(summary)
   xs = _span(_column(runs, x))
@@ -166,23 +166,22 @@ def plot_sweep(runs, summary, path: str) -> None:
 
 
 def plot_compare(sweeps, path: str) -> None:
-  """sweeps: (label, runs, summary) each. L(N) at each sweep's largest budget, loss against
+  """sweeps: (label, runs, summary) each. Loss against N with each sweep's L(N) fit, loss against
   compute with the envelopes, and the compute-optimal allocations."""
   fig = Figure(figsize=(15, 4.5), dpi=80, layout='constrained')
   ax_n, ax_c, ax_opt = fig.subplots(1, 3)
   for color, (label, runs, summary) in zip(cm.tab10.colors, sweeps):
     fit = summary['loss_vs_N']
-    d_max = max(r['D'] for r in runs)
-    at_d = sorted((r for r in runs if r['D'] == d_max), key=lambda r: r['N'])
+    at_d = sorted((r for r in runs if r['D'] == fit['D']), key=lambda r: r['N'])
     ax_n.plot(_column(at_d, 'N'), _column(at_d, 'loss'), 'o', color=color, ms=4)
     law = _one_term(fit, 'A', 'alpha')
     if law is not None:
       ns = _span(_column(at_d, 'N'))
       ax_n.plot(ns, law(ns), '-', color=color, lw=1,
-                label=f'{label}: alpha = {fit["alpha"]:.2f} (D = {_short(d_max)})')
+                label=f'{label}: alpha = {fit["alpha"]:.2f} (D = {_short(fit["D"])})')
     loss_against_compute(ax_c, runs, summary, color=color, label=label)
     optimal_allocation(ax_opt, summary, color=color, label=label)
   ax_n.set(xscale='log', xlabel='N (non-embedding parameters)',
-           ylabel='validation loss', title='loss vs N at the largest budget')
+           ylabel='validation loss', title='loss vs N at the budget of the L(N) fit')
   ax_n.legend(fontsize=7)
   fig.savefig(path)

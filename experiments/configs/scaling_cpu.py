@@ -1,6 +1,6 @@
 """Scaling laws of a small transformer on tiny shakespeare, on a 2-core CPU.
 
-  python -m experiments.scaling --workdir=/tmp/scaling_cpu --config=experiments/configs/scaling_cpu.py
+  python -m experiments.scaling --config=experiments/configs/scaling_cpu.py --workdir=/tmp/scaling
 
 Depths 1..6 at d_model = 16 x depth (head width 16), RoPE, RMSNorm, SwiGLU with F = 4 d_model:
 N from 4.1k to 886k non-embedding parameters (214x). Budgets D of 2^16..2^22 characters (64k to
