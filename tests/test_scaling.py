@@ -107,44 +107,44 @@ class Preempted(Exception):
 
 def tiny_sweep(tfds_dir):
   c = scaling_cpu.get_config()
-  c.sweep.update(depths=(1, 2), tokens=(2048, 4096))  # d_model 16 and 32; 16 and 32 steps
+  c.sweep.update(depths=(1, 2), tokens=(1024, 2048))  # d_model 16 and 32; 8 and 16 steps
   c.data.update(tfds_data_dir=tfds_dir, seq_len=32)
-  c.train.update(batch_size=4, warmup_steps=4, steps_per_call=8, checkpoint_every=8,
-                 log_every=8, eval_batch_size=512, peak_flops=1e11)
+  c.train.update(batch_size=4, warmup_steps=2, steps_per_call=4, checkpoint_every=4,
+                 log_every=4, eval_batch_size=512, peak_flops=1e11)
   return c
 
 
 def test_sweep_shards_resumes_skips_and_records(tfds_dir, tmp_path, monkeypatch, capfd):
   config, workdir = tiny_sweep(tfds_dir), str(tmp_path / 'sweep')
   names = [p.name for p in scaling.grid(config, vocab=65)]
-  assert names == ['depth1_tokens2048', 'depth1_tokens4096', 'depth2_tokens2048',
-                   'depth2_tokens4096']
+  assert names == ['depth1_tokens1024', 'depth1_tokens2048', 'depth2_tokens1024',
+                   'depth2_tokens2048']
   # A compute cap leaves out the runs above it: here the larger model's larger budget.
   capped = scaling.grid(config, vocab=65)[:3]
   config.sweep.max_flops = max(p.C for p in capped)
   assert [p.name for p in scaling.grid(config, vocab=65)] == [p.name for p in capped]
   config.sweep.max_flops = 0.0
 
-  # Shard 0 of 2 is killed in its second run, after the checkpoint at step 8.
+  # Shard 0 of 2 is killed in its second run, after the checkpoint at step 4.
   write = MetricWriter.write
 
   def write_then_die(self, step, metrics):
     write(self, step, metrics)
-    if 'depth2' in self.path and step == 16:
+    if 'depth2' in self.path and step == 8:
       raise Preempted
 
   monkeypatch.setattr(MetricWriter, 'write', write_then_die)
   with pytest.raises(Preempted):
     scaling.sweep(config, workdir, shard=(0, 2))
   monkeypatch.undo()
-  assert list(scaling.read_runs(workdir)) == ['depth1_tokens2048']
+  assert list(scaling.read_runs(workdir)) == ['depth1_tokens1024']
 
   capfd.readouterr()
   shard0 = scaling.sweep(config, workdir, shard=(0, 2))  # the same command again
   err = capfd.readouterr().err
-  assert 'resuming from step 8' in err and 'depth2_tokens2048' in err
-  assert 'depth1_tokens2048' not in err  # finished: skipped
-  assert sorted(shard0) == ['depth1_tokens2048', 'depth2_tokens2048']
+  assert 'resuming from step 4' in err and 'depth2_tokens1024' in err
+  assert 'depth1_tokens1024' not in err  # finished: skipped
+  assert sorted(shard0) == ['depth1_tokens1024', 'depth2_tokens1024']
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))  # the grid is not complete
 
   rows = scaling.sweep(config, workdir, shard=(1, 2), num_bootstrap=5)
@@ -155,14 +155,14 @@ def test_sweep_shards_resumes_skips_and_records(tfds_dir, tmp_path, monkeypatch,
     assert 'needs at least' in summary[key]['skipped']  # 2 x 2 runs are too few for any law
   assert os.path.exists(os.path.join(workdir, 'scaling.png'))
 
-  row = rows['depth2_tokens4096']
+  row = rows['depth2_tokens2048']
   model_cfg = ModelConfig.from_dict(dict(row['config']['model'], vocab_size=65))
-  assert (row['depth'], row['d_model'], row['pattern'], row['steps']) == (2, 32, 'attn*2', 32)
-  assert row['N'] == count_params(model_cfg).non_embedding and row['D'] == 32 * 4 * 32
+  assert (row['depth'], row['d_model'], row['pattern'], row['steps']) == (2, 32, 'attn*2', 16)
+  assert row['N'] == count_params(model_cfg).non_embedding and row['D'] == 16 * 4 * 32
   assert row['C'] == training_flops_per_token(model_cfg, 32) * row['D']
   assert row['C_6ND'] == 6 * row['N'] * row['D'] and row['wall_s'] > 0
-  assert row['config']['train']['num_steps'] == 32  # the schedule ends with the budget
-  assert rows['depth2_tokens4096']['loss'] < rows['depth1_tokens2048']['loss'] < math.log(65)
+  assert row['config']['train']['num_steps'] == 16  # the schedule ends with the budget
+  assert rows['depth2_tokens2048']['loss'] < rows['depth1_tokens1024']['loss'] < math.log(65)
   links = {os.path.realpath(os.path.join(workdir, 'runs', n, 'tokenizer')) for n in names}
   assert links == {os.path.realpath(os.path.join(workdir, 'corpus', 'tokenizer'))}
 
