@@ -79,7 +79,7 @@ def test_analyze_and_compare(tmp_path):
     for row in synthetic_runs(noise=noise):
       scaling.append_run(str(d), row)
 
-  def run(*args):
+  def run(*args):  # the command line, as a user runs it
     return subprocess.run([sys.executable, '-m', 'experiments.scaling', *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
@@ -93,12 +93,14 @@ def test_analyze_and_compare(tmp_path):
   out = scaling.compare([str(d) for d in dirs], str(tmp_path / 'cmp'), num_bootstrap=5)
   assert os.path.getsize(out) > 10_000 and (dirs[1] / 'summary.json').exists()
 
-  result = run(f'--workdir={tmp_path}/x', '--config=experiments/configs/scaling_cpu.py',
-               '--shard=2/2')
+  # Bad input: errors the command line prints as one line (main catches SweepError).
+  assert scaling.parse_shard('1/4') == (1, 4)
+  for shard in ('2/2', '-1/2', 'x'):
+    with pytest.raises(scaling.SweepError, match=r'write i/n with 0 <= i < n'):
+      scaling.parse_shard(shard)
+  result = run(f'--workdir={tmp_path / "empty"}')
   assert result.returncode == 2 and 'Traceback' not in result.stderr
-  assert "--shard='2/2': write i/n with 0 <= i < n" in result.stderr, result.stderr
-  with pytest.raises(scaling.SweepError, match='holds no runs'):
-    scaling.analyze(str(tmp_path / 'empty'))
+  assert 'runs.jsonl holds no runs' in result.stderr, result.stderr
 
 
 class Preempted(Exception):
