@@ -30,6 +30,7 @@ setup(
         'tensorboardX>=2.6',
         'matplotlib>=3.8',
         'scipy>=1.11',
+        'threadpoolctl>=3.1',            # one BLAS thread for the scaling fits' tiny problems
         'tqdm>=4.66',
     ],
     extras_require={'dev': ['pytest>=8']},

@@ -1,0 +1,355 @@
+"""Scaling-law sweeps: a grid of model sizes x token budgets, then fits and plots.
+
+  python -m experiments.scaling --workdir=DIR --config=experiments/configs/scaling_cpu.py \
+      [--shard=i/n] [--config.sweep.depths=2,4,6] [--config.data.path=...]
+  python -m experiments.scaling --workdir=DIR --config=... --dry_run   # the grid and its FLOPs
+  python -m experiments.scaling --workdir=DIR                 # fit and plot DIR/runs.jsonl again
+  python -m experiments.scaling --workdir=OUT --compare=DIR1,DIR2   # several sweeps, one figure
+
+Every grid point is a normal training run (`train.loop.train_and_evaluate`) in DIR/runs/<name>/,
+with num_steps set by its token budget, so its learning-rate schedule decays over its own budget
+(Hoffmann et al. 2022 found a longer schedule overestimates the loss of shorter runs). The size
+rule sets width and depth from one number, the depth: the block pattern is `sweep.pattern` with
+{depth} filled in, d_model = sweep.aspect_ratio x its number of layers (rounded to a multiple of
+sweep.head_dim), num_heads = d_model / head_dim, and the feed-forward keeps its ratio to d_model.
+The grid is every depth x every budget in sweep.tokens, less the runs above sweep.max_flops: the
+costly corner of large models on large budgets says little about the compute-optimal frontier,
+while small models on large budgets are what brackets it (the IsoFLOP minima).
+
+A finished run appends one row to DIR/runs.jsonl: the point (depth, d_model, pattern), N (non-
+embedding parameters, `model.count_params`), D (tokens trained), C (its model FLOPs:
+`training_flops_per_token` x D, which the fits use) and C_6ND (6 N D, Kaplan et al.'s estimate),
+the final validation loss on the whole split, wall time and the run's config. Running the command
+again skips rows that exist and resumes a run that was interrupted from its checkpoint;
+`--shard=i/n` takes every n-th point from the i-th, so n processes (or hosts) share a grid. The
+tokenizer and the tokenized corpus are prepared once, in DIR/corpus, and every run links to them:
+all runs see the same tokens. When every point has its row, the fits (experiments/scaling_fits.py)
+go to DIR/summary.json and the plots (experiments/scaling_plots.py) to DIR/scaling.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from train import cli
+
+config_flags.DEFINE_config_file('config', None, 'Sweep config (experiments/configs/scaling_*.py).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Sweep directory: runs/, runs.jsonl, summary.json, plots.')
+flags.DEFINE_string('shard', '0/1', 'i/n: run every n-th grid point starting from the i-th.')
+flags.DEFINE_list('compare', [], 'Sweep directories to compare on one figure in --workdir.')
+flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the fits\' intervals.')
+flags.DEFINE_bool('dry_run', False, 'Print the grid (N, D, FLOPs of every run) and stop.')
+flags.mark_flag_as_required('workdir')
+
+RUNS_FILE = 'runs.jsonl'
+SUMMARY_FILE = 'summary.json'
+PLOT_FILE = 'scaling.png'
+CORPUS_CONFIG = 'data.json'
+
+
+class SweepError(ValueError):
+  """A sweep command that cannot go on as given; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One run of the grid: its name, the size rule's depth, its training config, its parameter
+  counts (model.count_params), training FLOPs per token and tokens."""
+  name: str
+  depth: int
+  config: Any
+  counts: Any
+  flops_per_token: float
+  D: int
+
+  @property
+  def N(self) -> int:
+    return self.counts.non_embedding
+
+  @property
+  def C(self) -> float:
+    return self.flops_per_token * self.D
+
+
+# Settings that change how a run reports, not what it computes: a finished row still stands.
+REPORTING_FIELDS = {'train.peak_flops', 'train.log_every', 'train.eval_every', 'train.eval_batches',
+                    'train.eval_batch_size', 'train.checkpoint_every', 'train.keep_checkpoints',
+                    'train.steps_per_call', 'data.tfds_data_dir', 'model.vocab_size'}
+
+
+def size_rule(sweep, depth: int) -> dict:
+  """The model fields that one depth sets: pattern, d_model, num_heads."""
+  from model import ConfigError, blocks
+  if '{depth}' not in sweep.pattern:
+    raise ConfigError(f'sweep.pattern={sweep.pattern!r} has no {{depth}}: write the repeat count '
+                      f'that the size rule sets as {{depth}}, e.g. "attn*{{depth}}"')
+  pattern = sweep.pattern.format(depth=depth)
+  layers = len(blocks.parse_pattern(pattern))
+  d_model = sweep.head_dim * max(1, round(sweep.aspect_ratio * layers / sweep.head_dim))
+  return dict(pattern=pattern, d_model=d_model, num_heads=d_model // sweep.head_dim)
+
+
+def run_name(depth: int, tokens: int) -> str:
+  return f'depth{depth}_tokens{tokens}'
+
+
+def grid(config, vocab: int) -> list[Point]:
+  """Every point of the grid whose training FLOPs are within sweep.max_flops, in order of
+  depth, then budget. `vocab`: the models' vocabulary size (see `vocab_size`)."""
+  import ml_collections
+  from model import ConfigError, ModelConfig, count_params, training_flops_per_token
+  sweep, tc, dc = config.sweep, config.train, config.data
+  if config.model.d_ff is not None:
+    raise ConfigError(f'model.d_ff={config.model.d_ff} would stay fixed while the sweep widens the '
+                      f'model; leave it unset (4 x d_model) so the feed-forward scales too')
+  tokens_per_step = tc.batch_size * dc.seq_len
+  points = []
+  for depth in sweep.depths:
+    for tokens in sweep.tokens:
+      steps = math.ceil(tokens / tokens_per_step)
+      if steps <= tc.warmup_steps:
+        raise ConfigError(f'sweep.tokens={tokens} is {steps} steps of {tokens_per_step} tokens, '
+                          f'not more than train.warmup_steps={tc.warmup_steps}; raise the budget '
+                          f'or lower the warmup')
+      c = ml_collections.ConfigDict({k: config[k].to_dict() for k in ('model', 'data', 'train',
+                                                                      'mesh')})
+      c.model.update(size_rule(sweep, depth))
+      c.train.num_steps = steps
+      model_cfg = ModelConfig.from_dict(dict(c.model.to_dict(), vocab_size=vocab))
+      point = Point(run_name(depth, tokens), depth, c, count_params(model_cfg),
+                    training_flops_per_token(model_cfg, dc.seq_len), steps * tokens_per_step)
+      if not sweep.max_flops or point.C <= sweep.max_flops:
+        points.append(point)
+  if not points:
+    raise ConfigError(f'sweep.max_flops={sweep.max_flops:.3g} leaves no run of the grid; raise it')
+  return points
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  try:
+    index, count = (int(x) for x in text.split('/'))
+  except ValueError:
+    index, count = -1, 0
+  if not 0 <= index < count:
+    raise SweepError(f'--shard={text!r}: write i/n with 0 <= i < n, e.g. --shard=0/4')
+  return index, count
+
+
+def read_runs(workdir: str) -> dict[str, dict]:
+  """The rows of DIR/runs.jsonl by run name (a later row of a name replaces an earlier one)."""
+  path = os.path.join(workdir, RUNS_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return {row['name']: row for row in rows}
+
+
+def append_run(workdir: str, row: dict) -> None:
+  """One line in one write to a file opened for appending: shards sharing runs.jsonl do not
+  interleave their rows."""
+  fd = os.open(os.path.join(workdir, RUNS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    os.write(fd, (json.dumps(row) + '\n').encode())
+  finally:
+    os.close(fd)
+
+
+def check_finished(row: dict, config, workdir: str) -> None:
+  """A finished row must come from the same training config: refuses to mix results."""
+  from train.workdir import RunError, _flat
+  old, new = _flat(row['config']), _flat(config.to_dict())
+  diffs = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
+           if k not in REPORTING_FIELDS and old.get(k) != new.get(k)]
+  if diffs:
+    raise RunError(f'{workdir} already holds run {row["name"]} with another config: '
+                   + '; '.join(diffs) + '. Use a new --workdir for a new sweep.')
+
+
+def prepare_corpus(config, workdir: str) -> str:
+  """DIR/corpus: the tokenizer and tokenized splits every run of the sweep links to. Prepared in
+  a private directory and renamed into place, so shards racing to prepare it agree on one."""
+  from train import workdir as workdir_lib
+  corpus = os.path.join(workdir, 'corpus')
+  # The data section as JSON reads it back (tuples become lists), to compare with the saved one.
+  data = json.loads(json.dumps({k: v for k, v in config.data.to_dict().items()
+                                if k != 'tfds_data_dir'}))
+  if not os.path.exists(corpus):
+    scratch = f'{corpus}.{os.getpid()}'
+    workdir_lib.prepare_data(config, scratch)
+    with open(os.path.join(scratch, CORPUS_CONFIG), 'w') as f:
+      json.dump(data, f)
+    try:
+      os.rename(scratch, corpus)
+    except OSError:  # another shard got there first: use its corpus
+      shutil.rmtree(scratch)
+  with open(os.path.join(corpus, CORPUS_CONFIG)) as f:
+    prepared = json.load(f)
+  if prepared != data:
+    diffs = [f'data.{k}: {prepared.get(k)!r} -> {v!r}' for k, v in data.items()
+             if prepared.get(k) != v]
+    raise SweepError(f'{corpus} was prepared from another corpus or tokenizer '
+                     f'({"; ".join(diffs)}); use a new --workdir for a new sweep')
+  return corpus
+
+
+def link_corpus(corpus: str, run_dir: str) -> None:
+  os.makedirs(run_dir, exist_ok=True)
+  for item in ('tokenizer', 'data'):
+    link = os.path.join(run_dir, item)
+    if not os.path.lexists(link):
+      os.symlink(os.path.relpath(os.path.join(corpus, item), run_dir), link)
+
+
+def vocab_size(config, workdir: str) -> int:
+  """The models' vocabulary: model.vocab_size, else the tokenizer's (a character vocabulary is
+  known once the corpus is prepared)."""
+  from train import tokenizers
+  if config.model.vocab_size:
+    return config.model.vocab_size
+  if config.data.tokenizer == 'byte':
+    return 256
+  if config.data.tokenizer in ('bpe', 'unigram'):
+    return config.data.vocab_size
+  return tokenizers.load(os.path.join(prepare_corpus(config, workdir), 'tokenizer')).vocab_size
+
+
+def plan(points: list[Point]) -> str:
+  """The grid as a table: every run's size, tokens and training FLOPs, and their total."""
+  lines = [f'{"run":<26} {"pattern":<16} {"d_model":>7} {"N":>13} {"D":>15} {"C":>9}']
+  for p in points:
+    lines.append(f'{p.name:<26} {p.config.model.pattern:<16} {p.config.model.d_model:>7} '
+                 f'{p.N:>13,} {p.D:>15,} {p.C:>9.3g}')
+  lines.append(f'{len(points)} runs, {sum(p.C for p in points):.3g} training FLOPs in all '
+               f'(C = model.training_flops_per_token x D; the final evaluations add a little)')
+  return '\n'.join(lines)
+
+
+def result_row(point: Point, final: dict) -> dict:
+  """The runs.jsonl row of a finished run."""
+  c = point.config
+  return dict(name=point.name, depth=point.depth, pattern=c.model.pattern,
+              d_model=c.model.d_model, N=point.N, N_total=point.counts.total,
+              N_active=point.counts.active_non_embedding, D=point.D, C=point.C,
+              C_6ND=6.0 * point.N * point.D, flops_per_token=point.flops_per_token,
+              loss=final['val_loss'], val_bits_per_char=final['val_bits_per_char'],
+              steps=final['step'], wall_s=final['wall_s'], compile_s=final['compile_s'],
+              config=c.to_dict())
+
+
+def sweep(config, workdir: str, shard: tuple[int, int] = (0, 1),
+          num_bootstrap: int = 100) -> dict[str, dict]:
+  """Runs this shard's unfinished grid points; fits and plots once the whole grid is done.
+  Returns the rows of runs.jsonl by name."""
+  import jax
+  from train import loop, perf
+  start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  corpus = prepare_corpus(config, workdir)
+  points = grid(config, vocab_size(config, workdir))
+  done = read_runs(workdir)
+  mine = points[shard[0]::shard[1]]
+  for p in mine:
+    if p.name in done:
+      check_finished(done[p.name], p.config, workdir)
+  todo = [p for p in mine if p.name not in done]
+  print(f'sweep: {len(points)} runs in the grid, {len(mine)} in shard {shard[0]}/{shard[1]}, '
+        f'{len(todo)} to run', flush=True)
+  if todo:
+    print(plan(todo), flush=True)
+  peak = config.train.peak_flops
+  if todo and not peak:  # measured once for the sweep, not at the start of every run
+    peak = perf.measure_peak_flops(config.model.dtype) * jax.device_count()
+  chief = jax.process_index() == 0
+  for i, p in enumerate(todo):
+    run_dir = os.path.join(workdir, 'runs', p.name)
+    link_corpus(corpus, run_dir)
+    p.config.train.peak_flops = peak
+    print(f'[{i + 1}/{len(todo)}] {p.name}: pattern {p.config.model.pattern}, d_model '
+          f'{p.config.model.d_model}, {p.config.train.num_steps} steps', flush=True)
+    final = loop.train_and_evaluate(p.config, run_dir)
+    if chief:
+      append_run(workdir, result_row(p, final))
+  print(f'sweep: {len(todo)} runs in {time.time() - start:.0f}s', flush=True)
+  done = read_runs(workdir)
+  missing = [p.name for p in points if p.name not in done]
+  if missing:
+    print(f'sweep: {len(missing)} of {len(points)} runs still to finish (other shards?); once they '
+          f'are, fit and plot with: python -m experiments.scaling --workdir={workdir}')
+  elif chief:
+    analyze(workdir, num_bootstrap)
+  return done
+
+
+def analyze(workdir: str, num_bootstrap: int = 100) -> dict:
+  """Fits every law to DIR/runs.jsonl -> DIR/summary.json, and plots them -> DIR/scaling.png."""
+  from experiments import scaling_fits, scaling_plots
+  runs = list(read_runs(workdir).values())
+  if not runs:
+    raise SweepError(f'{os.path.join(workdir, RUNS_FILE)} holds no runs; run a sweep there first '
+                     f'(--config=experiments/configs/scaling_cpu.py)')
+  start = time.time()
+  summary = scaling_fits.summarize(runs, num_bootstrap)
+  summary['total_run_wall_s'] = sum(r['wall_s'] for r in runs)
+  with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
+    json.dump(summary, f, indent=1)
+  scaling_plots.plot_sweep(runs, summary, os.path.join(workdir, PLOT_FILE))
+  print(scaling_fits.describe(summary))
+  print(f'fits and plots in {time.time() - start:.0f}s: {os.path.join(workdir, SUMMARY_FILE)}, '
+        f'{os.path.join(workdir, PLOT_FILE)}')
+  return summary
+
+
+def compare(workdirs: list[str], out: str, num_bootstrap: int = 100) -> str:
+  """One figure of several sweeps' laws, OUT/compare.png; a sweep without summary.json is fitted
+  first."""
+  from experiments import scaling_plots
+  sweeps = []
+  for d in workdirs:
+    path = os.path.join(d, SUMMARY_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        summary = json.load(f)
+    else:
+      summary = analyze(d, num_bootstrap)
+    sweeps.append((os.path.basename(os.path.normpath(d)), list(read_runs(d).values()), summary))
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, 'compare.png')
+  scaling_plots.plot_compare(sweeps, path)
+  print(f'{len(sweeps)} sweeps compared: {path}')
+  return path
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from train.errors import USER_ERRORS, quiet_libraries
+  quiet_libraries()
+  f = flags.FLAGS
+  try:
+    if f.compare:
+      compare(f.compare, f.workdir, f.bootstrap)
+    elif f.config is None:
+      analyze(f.workdir, f.bootstrap)
+    elif f.dry_run:
+      print(plan(grid(f.config, vocab_size(f.config, f.workdir))))
+    else:
+      sweep(f.config, f.workdir, parse_shard(f.shard), f.bootstrap)
+  except (*USER_ERRORS, SweepError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  cli.run(main)
