@@ -304,10 +304,16 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['workdir'])
 
 
+def with_default_config(argv: list[str], path: str) -> list[str]:
+  """argv with --config=path when it has no --config. The default goes in as a flag, not as the
+  flag's default: config_flags would apply a default's --config.* overrides as the flag is
+  defined, outside cli.run's clear error for unknown keys."""
+  if any(a == '--config' or a.startswith('--config=') for a in argv):
+    return argv
+  return [argv[0], f'--config={path}', *argv[1:]]
+
+
 if __name__ == '__main__':
   define_flags()
-  # The default config goes in as a flag, not as the flag's default: config_flags would parse a
-  # default's --config.* overrides at once, outside cli.run's clear error for unknown keys.
-  if not any(a == '--config' or a.startswith('--config=') for a in sys.argv):
-    sys.argv.insert(1, f'--config={DEFAULT_CONFIG}')
+  sys.argv = with_default_config(sys.argv, DEFAULT_CONFIG)
   cli.run(main)
