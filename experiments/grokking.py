@@ -16,7 +16,7 @@ Writes into the work directory:
                   validation accuracy >= 99%), final accuracies and losses, wall time, ms per step,
                   the embedding's key frequencies and their spectrum
   grokking.png    accuracy and loss against step (log axis), memorisation and grokking marked
-  fourier.png     the final embedding's spectrum and its sparsity over training
+  fourier.png     the final embedding's spectrum and its sparsity over training (modular tasks)
 With --sweep, one such run per (train fraction, weight decay) of `config.sweep` in subdirectories,
 then sweep.json and sweep.png: steps to generalise against the training fraction.
 

@@ -26,14 +26,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_operation_tables():
   p = 7
-  expected = {'add': lambda a, b: (a + b) % p, 'sub': lambda a, b: (a - b) % p,
-              'x2_xy_y2': lambda a, b: (a * a + a * b + b * b) % p}
-  for op, f in expected.items():
-    a, b, c = arithmetic.table(op, p)
-    assert len(a) == p * p and all(c[i] == f(a[i], b[i]) for i in range(len(a))), op
-  a, b, c = arithmetic.table('div', p)
-  assert len(a) == p * (p - 1) and (b != 0).all()
-  assert all((c[i] * b[i]) % p == a[i] for i in range(len(a)))  # c = a / b  <=>  c * b = a
+  tables = {op: arithmetic.table(op, p) for op in arithmetic.MODULAR}
+
+  def lookup(op, x, y):
+    a, b, c = tables[op]
+    return int(c[(a == x) & (b == y)][0])
+
+  # By hand: 5 + 4 = 9, 2 - 5 = -3, 9 + 12 + 16 = 37 and 3 / 5 = 3 * 3 (5 * 3 = 15 = 1), mod 7.
+  assert [lookup('add', 5, 4), lookup('sub', 2, 5), lookup('x2_xy_y2', 3, 4),
+          lookup('div', 3, 5)] == [2, 4, 2, 2]
+  for op, (a, b, c) in tables.items():
+    assert len(set(zip(a, b))) == len(a) == (p * (p - 1) if op == 'div' else p * p), op
+  (a, b, c), (a2, b2, c2) = tables['add'], tables['sub']
+  assert ((c - b) % p == a).all() and ((c2 + b2) % p == a2).all()
+  a, b, c = tables['div']
+  assert (b != 0).all() and (c * b % p == a).all()
+  a, b, c = tables['x2_xy_y2']
+  square = c.reshape(p, p)
+  assert (square == square.T).all() and (square[:, 0] == np.arange(p) ** 2 % p).all()
   # S5: row i of `perms` is element i; (x o y)(k) = x(y(k)), the identity is element 0.
   perms = arithmetic.permutations()
   a, b, c = arithmetic.table('s5', 0)
