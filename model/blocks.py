@@ -132,13 +132,17 @@ def runs(layers: tuple[tuple[str, str], ...]) -> list[tuple[int, tuple[str, str]
 class Block(nn.Module):
   """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) unless ffn is 'none'.
 
-  Returns (x, None) so the same module is the body of `nn.scan`.
+  Returns (x, None) so the same module is the body of `nn.scan`. With `last_only` it returns the
+  last position alone, (B, 1, D), and runs its feed-forward on that position only: the final
+  layer of a model whose caller reads only the last position (answer-only losses, sampling's
+  prefill) pays for nothing else after its mixer.
   """
   config: ModelConfig
   mixer: str
   ffn: str
   decode: bool = False
   deterministic: bool = True
+  last_only: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL):
@@ -147,6 +151,8 @@ class Block(nn.Module):
     h = Norm(cfg, name='mixer_norm')(x_BxLxD)
     h = MIXERS[self.mixer].module(**kw, name='mixer')(h, positions_BxL)
     x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+    if self.last_only:
+      x_BxLxD = x_BxLxD[:, -1:]
     if self.ffn != 'none':
       h = Norm(cfg, name='ffn_norm')(x_BxLxD)
       h = FFNS[self.ffn](**kw, name='ffn')(h)
@@ -168,10 +174,12 @@ def run_name(first: int, count: int) -> str:
 class Stack(nn.Module):
   """The layers of the pattern. With `scan_layers`, each run of identical layers is one `nn.scan`
   whose parameters are stacked on a leading 'layers' axis; otherwise every layer is its own
-  module `layer_i`. Both compute the same function (tests/test_blocks.py)."""
+  module `layer_i`. Both compute the same function (tests/test_blocks.py). With `last_only`, an
+  unscanned final layer computes its feed-forward for the last position only (B, 1, D)."""
   config: ModelConfig
   decode: bool = False
   deterministic: bool = True
+  last_only: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL):
@@ -190,5 +198,6 @@ class Stack(nn.Module):
         x_BxLxD, _ = scanned(**kw, name=run_name(first, count))(x_BxLxD, positions_BxL)
       else:
         for i in range(first, first + count):
-          x_BxLxD, _ = block(**kw, name=run_name(i, 1))(x_BxLxD, positions_BxL)
+          final = self.last_only and i == cfg.num_layers - 1
+          x_BxLxD, _ = block(**kw, last_only=final, name=run_name(i, 1))(x_BxLxD, positions_BxL)
     return x_BxLxD

@@ -47,9 +47,9 @@ class LM(nn.Module):
     x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ACT_BLD)
 
-    x_BxLxD = Stack(cfg, decode=decode, deterministic=deterministic, name='blocks')(
-        x_BxLxD, positions_BxL)
-    if last_only:
+    x_BxLxD = Stack(cfg, decode=decode, deterministic=deterministic, last_only=last_only,
+                    name='blocks')(x_BxLxD, positions_BxL)
+    if last_only:  # a scanned final layer returns every position
       x_BxLxD = x_BxLxD[:, -1:]
     x_BxLxD = Norm(cfg, name='final_norm')(x_BxLxD)
 

@@ -1,0 +1,319 @@
+"""Grokking on modular arithmetic (Power et al. 2022; Nanda et al. 2023), in minutes on a CPU.
+
+    python -m experiments.grokking --workdir=runs/grokking                        # default config
+    python -m experiments.grokking --workdir=runs/nanda \
+        --config=experiments/configs/grokking_nanda2023.py
+    python -m experiments.grokking --workdir=runs/grokking_sweep --sweep          # fraction sweep
+
+A one-layer transformer (`model.LM`) reads `a b =` and is trained, full batch, on part of the
+table of a binary operation (experiments/arithmetic.py) with the answer token as the only target.
+It memorises the training equations early and generalises to the held-out ones much later.
+
+Writes into the work directory:
+  metrics.jsonl   every `train.eval_every` steps: train/val loss and accuracy on the whole splits,
+                  and the Gini coefficient of the embedding's Fourier spectrum (modular tasks)
+  summary.json    memorize_step (first step with train accuracy >= 99%), grok_step (first with
+                  validation accuracy >= 99%), final accuracies and losses, wall time, ms per step,
+                  the embedding's key frequencies and their spectrum
+  grokking.png    accuracy and loss against step (log axis), memorisation and grokking marked
+  fourier.png     the final embedding's spectrum and its sparsity over training (modular tasks)
+With --sweep, one such run per (train fraction, weight decay) of `config.sweep` in subdirectories,
+then sweep.json and sweep.png: steps to generalise against the training fraction.
+
+Why not `train/loop.py`: that loop streams token batches from a corpus and checkpoints; here the
+whole dataset is a few thousand 3-token rows that live on the device, every step sees all of the
+training split, evaluation is accuracy on the answer token, and a run is minutes long and stops
+soon after it groks. So this driver reuses the train step (`train.step.make_train_step`, with an
+answer-only loss), the optimizer (`train.optim.make_optimizer`, Grokfast as its gradient filter)
+and the metrics writer, and keeps its own small loop. Each compiled call is a `lax.scan` of
+`eval_every` steps followed by an evaluation, itself scanned `steps_per_call / eval_every` times,
+with the splits passed in once and closed over: one dispatch per call, not per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import arithmetic, fourier, grokking_plots
+from model import LM, ModelConfig, count_params
+from model.blocks import AUX_LOSS, METRICS
+from model.config import ConfigError
+from train import cli, optim, step as step_lib
+from train.errors import USER_ERRORS, quiet_libraries
+from train.grokfast import grokfast_ema
+from train.metric_writer import MetricWriter, Progress
+from train.workdir import save_config
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'grokking.py')
+THRESHOLD = 0.99  # accuracy that counts as memorised (train) and generalised (validation)
+OUTPUTS = ('metrics.jsonl', 'summary.json', 'grokking.png', 'fourier.png', 'tensorboard')
+
+
+def first_step(rows: list[dict], key: str, threshold: float = THRESHOLD) -> int | None:
+  """The first logged step at which rows[key] >= threshold, or None."""
+  return next((r['step'] for r in rows if r[key] >= threshold), None)
+
+
+def check_config(config) -> None:
+  t = config.train
+  arithmetic.check_task(config.task.operation, config.task.prime, config.task.train_fraction)
+  if min(t.eval_every, t.steps_per_call, t.num_steps) <= 0 or (
+      t.steps_per_call % t.eval_every or t.num_steps % t.eval_every):
+    raise ConfigError(f'train.steps_per_call={t.steps_per_call} and train.num_steps='
+                      f'{t.num_steps} must be positive multiples of train.eval_every='
+                      f'{t.eval_every}: each compiled call ends on an evaluation')
+  if config.grokfast.enabled and not (0.0 <= config.grokfast.alpha < 1.0
+                                      and config.grokfast.lamb >= 0.0):
+    raise ConfigError(f'grokfast.alpha must be in [0, 1) and grokfast.lamb >= 0, got '
+                      f'{config.grokfast.alpha} and {config.grokfast.lamb}')
+
+
+def answer_loss_fn(model):
+  """loss_fn for `make_train_step`: cross-entropy of the last position only, where the answer
+  is; with `last_only` the final feed-forward and the output head run on that position alone."""
+  def loss_fn(params, batch, rng):
+    del rng  # deterministic: these models use no dropout
+    logits_Bx1xV, cols = model.apply({'params': params}, batch['inputs'], last_only=True,
+                                     mutable=[AUX_LOSS, METRICS])
+    ce_sum = jnp.sum(step_lib.token_losses(logits_Bx1xV, batch['targets']))
+    tokens = jnp.float32(batch['targets'].size)
+    aux = sum((jnp.sum(x) for x in jax.tree.leaves(cols.get(AUX_LOSS, {}))), jnp.float32(0))
+    return ce_sum + aux * tokens, {'ce_sum': ce_sum, 'tokens': tokens, 'aux_loss': aux,
+                                   'layers': cols.get(METRICS, {})}
+  return loss_fn
+
+
+def accuracy(model, params, split):
+  """(mean loss, accuracy) of the answers of a split, all rows at once."""
+  logits_Bx1xV = model.apply({'params': params}, split['inputs'], last_only=True)
+  correct = jnp.argmax(logits_Bx1xV, axis=-1) == split['targets']
+  return (jnp.mean(step_lib.token_losses(logits_Bx1xV, split['targets'])),
+          jnp.mean(correct.astype(jnp.float32)))
+
+
+def make_call(step, evaluate, eval_every: int):
+  """call(state, train_split, val_split, num_evals) -> (state, metrics): `num_evals` times,
+  `eval_every` full-batch steps then evaluate(params, train_split, val_split), in one compiled
+  program. The splits are arguments (not constants folded into the program) that every step
+  closes over; metrics come back stacked, (num_evals,) each."""
+  def call(state, train_split, val_split, num_evals):
+    def steps_then_eval(state, _):
+      state, _ = jax.lax.scan(lambda s, _: step(s, train_split), state, None, length=eval_every)
+      return state, evaluate(state.params, train_split, val_split)
+    return jax.lax.scan(steps_then_eval, state, None, length=num_evals)
+
+  return jax.jit(call, static_argnums=3, donate_argnums=0)
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a run is built from: the task's splits, the model, the step and evaluation functions
+  (pure, to be compiled together by `make_call`) and the initial train state."""
+  task: arithmetic.Task
+  model_cfg: ModelConfig
+  model: LM
+  step: Callable
+  evaluate: Callable
+  state: step_lib.TrainState
+
+
+def build(config) -> Setup:
+  check_config(config)
+  tc = config.train
+  task = arithmetic.load(config.task)
+  model_cfg = ModelConfig.from_dict(dict(config.model.to_dict(), vocab_size=task.vocab_size))
+  model = LM(model_cfg)
+  gradient_filter = (grokfast_ema(config.grokfast.alpha, config.grokfast.lamb)
+                     if config.grokfast.enabled else None)
+  optimizer = optim.make_optimizer(tc, gradient_filter)
+  step = step_lib.make_train_step(model, optimizer, optim.learning_rate_schedule(tc), tc.seed,
+                                  loss_fn=answer_loss_fn(model))
+  modular = config.task.operation in arithmetic.MODULAR
+  basis_PxP = jnp.asarray(fourier.basis(task.num_elements)) if modular else None
+
+  def evaluate(params, train_split, val_split):
+    metrics = dict(zip(('train_loss', 'train_accuracy'), accuracy(model, params, train_split)))
+    metrics.update(zip(('val_loss', 'val_accuracy'), accuracy(model, params, val_split)))
+    if modular:
+      embedding_PxD = params['token_embedding'][:task.num_elements]  # without '='
+      metrics['embedding_fourier_gini'] = fourier.sparsity(embedding_PxD, basis_PxP)
+    return metrics
+
+  def init(rng):
+    params = nn.unbox(model.init(rng, jnp.zeros((1, 3), jnp.int32)))['params']
+    return step_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+  # Compiled without XLA's backend optimisations: it runs once, and the random initialisers
+  # otherwise take seconds to optimise.
+  rng = jax.random.key(tc.seed)
+  state = jax.jit(init).lower(rng).compile({'xla_backend_optimization_level': 0})(rng)
+  return Setup(task, model_cfg, model, step, evaluate, state)
+
+
+def clear_outputs(workdir: str) -> None:
+  """A run starts afresh: an earlier run's outputs in its work directory are removed."""
+  os.makedirs(workdir, exist_ok=True)
+  for name in OUTPUTS:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
+def train(config, workdir: str) -> dict:
+  """One run: trains until it generalises (then on to `train.stop_after_grok` x that step) or
+  for num_steps, and writes metrics.jsonl, summary.json and the plots. Returns the summary."""
+  start = time.time()
+  tc = config.train
+  setup = build(config)
+  task, state = setup.task, setup.state
+  clear_outputs(workdir)
+  save_config(config, workdir)
+  train_split, val_split = jax.device_put(task.train), jax.device_put(task.validation)
+  call = make_call(setup.step, setup.evaluate, tc.eval_every)
+
+  writer = MetricWriter(workdir)
+  progress = Progress(tc.num_steps)
+  progress.write(
+      f'{config.task.operation} with {task.num_elements} elements: '
+      f'{len(task.train["inputs"]):,} training and {len(task.validation["inputs"]):,} validation '
+      f'equations; {count_params(setup.model_cfg).total:,} parameters; {workdir}')
+  compiled = {}  # num_evals -> executable, compiled ahead so compile time is counted apart
+  rows, done, grok_step = [], 0, None
+  compile_s = train_s = 0.0
+  while done < tc.num_steps:
+    num_evals = min(tc.steps_per_call, tc.num_steps - done) // tc.eval_every
+    if num_evals not in compiled:
+      compile_start = time.time()
+      compiled[num_evals] = call.lower(state, train_split, val_split, num_evals).compile()
+      compile_s += time.time() - compile_start
+    call_start = time.time()
+    state, metrics = compiled[num_evals](state, train_split, val_split)
+    metrics = jax.device_get(metrics)
+    train_s += time.time() - call_start
+    for i in range(num_evals):
+      rows.append({'step': done + (i + 1) * tc.eval_every,
+                   **{k: float(v[i]) for k, v in metrics.items()}})
+      writer.write(rows[-1]['step'], {k: v for k, v in rows[-1].items() if k != 'step'})
+    done, last = rows[-1]['step'], rows[-1]
+    progress.update(done, train_acc=last['train_accuracy'], val_acc=last['val_accuracy'],
+                    train_loss=last['train_loss'], val_loss=last['val_loss'])
+    if not np.isfinite(last['train_loss']):
+      progress.write(f'the training loss became {last["train_loss"]} by step {done}; stopping')
+      break
+    grok_step = first_step(rows, 'val_accuracy')
+    if grok_step is not None and done >= tc.stop_after_grok * grok_step:
+      break
+  writer.close()
+  progress.close()
+
+  summary = {
+      'memorize_step': first_step(rows, 'train_accuracy'),
+      'grok_step': grok_step,
+      'final_step': done,
+      'final_train_accuracy': last['train_accuracy'],
+      'final_val_accuracy': last['val_accuracy'],
+      'final_train_loss': last['train_loss'],
+      'final_val_loss': last['val_loss'],
+      'wall_s': None,  # set once the plots are written
+      'compile_s': compile_s,
+      'ms_per_step': 1000 * train_s / done,  # evaluations included
+      'operation': config.task.operation,
+      'prime': config.task.prime if config.task.operation in arithmetic.MODULAR else None,
+      'train_fraction': config.task.train_fraction,
+      'weight_decay': tc.weight_decay,
+      'grokfast': bool(config.grokfast.enabled),
+  }
+  if 'embedding_fourier_gini' in last:
+    embedding_PxD = np.asarray(state.params['token_embedding'][:task.num_elements])
+    spectrum = fourier.spectrum(embedding_PxD, fourier.basis(task.num_elements))
+    keys = fourier.key_frequencies(spectrum)
+    summary.update(key_frequencies=keys,
+                   key_frequency_share=float(sum(spectrum[k - 1] for k in keys)),
+                   embedding_fourier_gini=last['embedding_fourier_gini'],
+                   fourier_spectrum=[float(x) for x in spectrum])
+    grokking_plots.plot_fourier(spectrum, keys, rows, summary,
+                                os.path.join(workdir, 'fourier.png'))
+  grokking_plots.plot_curves(rows, summary, os.path.join(workdir, 'grokking.png'))
+  summary['wall_s'] = time.time() - start
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  print(f'done: memorize_step {summary["memorize_step"]}, grok_step {summary["grok_step"]}, '
+        f'val accuracy {summary["final_val_accuracy"]:.4f} at step {done}, '
+        f'wall {summary["wall_s"]:.1f}s ({summary["ms_per_step"]:.1f} ms/step, '
+        f'compile {compile_s:.1f}s)')
+  return summary
+
+
+def sweep(config, workdir: str) -> list[dict]:
+  """One run per (weight decay, train fraction) of config.sweep, in workdir/wd<w>_frac<f>/;
+  then sweep.json and sweep.png."""
+  results = []
+  for weight_decay in config.sweep.weight_decays:
+    for fraction in config.sweep.train_fractions:
+      c = ml_collections.ConfigDict(config.to_dict())
+      c.task.train_fraction, c.train.weight_decay = float(fraction), float(weight_decay)
+      summary = train(c, os.path.join(workdir, f'wd{weight_decay:g}_frac{fraction:g}'))
+      results.append({k: summary[k] for k in ('train_fraction', 'weight_decay', 'memorize_step',
+                                              'grok_step', 'final_step', 'final_val_accuracy',
+                                              'wall_s')})
+  with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
+    json.dump(results, f, indent=1)
+  grokking_plots.plot_sweep(results, config.train.num_steps, os.path.join(workdir, 'sweep.png'))
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  quiet_libraries()
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  try:
+    if flags.FLAGS.sweep:
+      sweep(config, workdir)
+    else:
+      train(config, workdir)
+  except USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a command, so that importing this module
+  (tests, notebooks) leaves absl's global flags alone."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file; default '
+                                  'experiments/configs/grokking.py.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Work directory: metrics, summary and plots.')
+  flags.DEFINE_bool('sweep', False, 'Sweep config.sweep.train_fractions x weight_decays instead '
+                    'of one run, and plot steps to generalise against the training fraction.')
+  flags.mark_flags_as_required(['workdir'])
+
+
+def with_default_config(argv: list[str], path: str) -> list[str]:
+  """argv with --config=path when it has no --config. The default goes in as a flag, not as the
+  flag's default: config_flags would apply a default's --config.* overrides as the flag is
+  defined, outside cli.run's clear error for unknown keys."""
+  if any(a == '--config' or a.startswith('--config=') for a in argv):
+    return argv
+  return [argv[0], f'--config={path}', *argv[1:]]
+
+
+if __name__ == '__main__':
+  define_flags()
+  sys.argv = with_default_config(sys.argv, DEFAULT_CONFIG)
+  cli.run(main)
