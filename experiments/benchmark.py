@@ -125,6 +125,10 @@ def main(argv):
   unknown = [n for n in names if n not in c.catalog]
   if unknown:
     raise SystemExit(f'error: unknown shape(s) {unknown}; the catalog has {sorted(c.catalog)}')
+  for name in names:
+    if c.catalog[name].model.attention_impl == 'cudnn' and platform != 'gpu':
+      raise SystemExit(f'error: shape {name} uses cuDNN attention, which needs an NVIDIA GPU; '
+                       f'on {platform} add --config.catalog.{name}.model.attention_impl=xla')
 
   dtypes = sorted({c.catalog[n].model.dtype for n in names})
   peaks = {d: perf.measure_peak_flops(d) for d in dtypes}
@@ -138,7 +142,7 @@ def main(argv):
     result['train'].append(row)
     print(f'train {name}: {row["tokens_per_s"]:,.0f} tokens/s, MFU {100 * row["mfu"]:.1f}%, '
           f'{row["step_ms"]:.2f} ms/step', flush=True)
-    for context in shape.decode_contexts:
+    for context in shape.decode_contexts if c.decode else ():
       row = bench_decode(name, shape, context, c.repeats)
       result['decode'].append(row)
       print(f'decode {name} @ {context}: cached {row["cached_tokens_per_s"]:,.0f} tokens/s, '

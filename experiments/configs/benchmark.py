@@ -4,36 +4,59 @@
   python -m experiments.benchmark --workdir=runs/benchmark --config.shapes=nanogpt_cpu
 
 By default a CPU runs the `cpu` shapes and an accelerator the `accelerator` shapes; `shapes`
-(comma-separated names) picks any. On the 2-core CPU the default set takes about two minutes.
+(comma-separated names) picks any. On the 2-core CPU the default set takes a few minutes.
 """
 
 from ml_collections import ConfigDict
 
 from experiments.configs import base
 
+# nanoGPT's CPU recipe: 4 layers, width 128, 4 heads, context 64, batch 12, vocabulary 65; the
+# SwiGLU width 344 keeps the parameter count of its GELU MLP of 512.
 _NANOGPT = dict(d_model=128, num_heads=4, d_ff=344, pattern='attn*4', scan_layers=False,
                 vocab_size=65)
+# GPT-2 small: 12 layers, width 768, 12 heads; vocabulary padded to a multiple of 64.
 _GPT2_SMALL = dict(d_model=768, num_heads=12, d_ff=2048, pattern='attn*12', vocab_size=50304,
                    dtype='bfloat16', attention_impl='cudnn', scan_layers=True)
+# 8 experts, top-2, each half the dense width: the same active feed-forward FLOPs per token as
+# the dense shape it replaces, four times its feed-forward parameters.
+_MOE = dict(num_experts=8, top_k=2, capacity_factor=1.25)
 
 
-def _shape(model: dict, batch: int, seq_len: int, **decode) -> ConfigDict:
-  return ConfigDict(dict(model=base.model_config(**model), batch_size=batch, seq_len=seq_len,
-                         decode_contexts=decode.get('contexts', ()),
-                         decode_new_tokens=decode.get('new_tokens', 32)))
+def _model(base_shape: dict, moe_d_ff: int = 0, **overrides) -> ConfigDict:
+  m = base.model_config(**{**base_shape, **overrides})
+  if moe_d_ff:
+    m.moe.update(_MOE, d_ff=moe_d_ff)
+  return m
+
+
+def _shape(model: ConfigDict, batch: int, seq_len: int, contexts=()) -> ConfigDict:
+  """Decoding times 128 new tokens after a prompt of context - 128, for each context."""
+  return ConfigDict(dict(model=model, batch_size=batch, seq_len=seq_len,
+                         decode_contexts=contexts, decode_new_tokens=128))
 
 
 def get_config() -> ConfigDict:
   c = ConfigDict()
   c.shapes = ''             # comma-separated names; '' runs the set for this device's platform
-  c.cpu = 'nanogpt_cpu'
-  c.accelerator = 'gpt2_small'
+  c.cpu = 'nanogpt_cpu,moe_cpu,mamba_cpu'
+  c.accelerator = 'gpt2_small,moe_gpt2_small,mamba_gpt2_small'
   c.steps_per_call = 10     # train steps per compiled call, as train.steps_per_call
   c.repeats = 5             # timed calls; the median is reported
+  c.decode = True           # also time decoding at each shape's decode_contexts
   c.catalog = ConfigDict(dict(
-      # nanoGPT's CPU recipe shape: 4 layers, width 128, context 64, batch 12, vocabulary 65.
-      nanogpt_cpu=_shape(_NANOGPT, batch=12, seq_len=64, contexts=(256, 1024), new_tokens=32),
-      # GPT-2 small: 12 layers, width 768, context 1024 (vocabulary padded to a multiple of 64).
-      gpt2_small=_shape(_GPT2_SMALL, batch=16, seq_len=1024, contexts=(1024,), new_tokens=64),
+      nanogpt_cpu=_shape(_model(_NANOGPT), batch=12, seq_len=64, contexts=(256, 1024)),
+      moe_cpu=_shape(_model(_NANOGPT, moe_d_ff=172, pattern='attn:moe*4'), batch=12,
+                     seq_len=64),
+      # A Mamba block (no feed-forward) holds about half the parameters of an attention + MLP
+      # block, so twice the layers match a transformer's size, as Gu & Dao compare them.
+      mamba_cpu=_shape(_model(_NANOGPT, pattern='mamba*8'), batch=12, seq_len=64,
+                       contexts=(256, 1024)),
+      gpt2_small=_shape(_model(_GPT2_SMALL), batch=16, seq_len=1024, contexts=(1024,)),
+      moe_gpt2_small=_shape(_model(_GPT2_SMALL, moe_d_ff=1024, pattern='attn:moe*12'),
+                            batch=16, seq_len=1024),
+      # Mamba-130M's shape (Gu & Dao 2023): 24 blocks of width 768.
+      mamba_gpt2_small=_shape(_model(_GPT2_SMALL, pattern='mamba*24'), batch=16, seq_len=1024,
+                              contexts=(1024,)),
   ))
   return c
