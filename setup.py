@@ -33,5 +33,5 @@ setup(
         'threadpoolctl>=3.1',            # one BLAS thread for the scaling fits' tiny problems
         'tqdm>=4.66',
     ],
-    extras_require={'dev': ['pytest>=8']},
+    extras_require={'dev': ['pytest>=8', 'pytest-xdist>=3.5']},  # tests run in parallel (-n auto)
 )

@@ -18,9 +18,8 @@ def tiny_shape(**model) -> ConfigDict:
                          decode_new_tokens=4))
 
 
-@pytest.mark.parametrize('pattern', ['attn*2', 'attn:moe,mamba'])
-def test_train_row(pattern):
-  shape = tiny_shape(pattern=pattern)
+def test_train_row():
+  shape = tiny_shape(pattern='attn:moe,mamba')  # every mixer and feed-forward kind
   peak = 1e11
   row = benchmark.bench_train('tiny', shape, steps_per_call=2, repeats=1, peak=peak)
   assert {'name', 'tokens_per_s', 'mfu', 'step_ms', 'compile_s', 'peak_memory_bytes'} <= set(row)
