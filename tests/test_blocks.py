@@ -75,6 +75,20 @@ def unstack(scanned_params, cfg):
   return out
 
 
+def square_loss(cfg, params, tokens):
+  return jnp.mean(LM(cfg).apply({'params': params}, tokens) ** 2)
+
+
+def assert_scanned_equals_plain(scanned_cfg, scanned, plain_cfg, plain, tokens):
+  """The scanned stack's loss and gradients (unstacked) equal the unscanned stack's."""
+  value_s, grad_s = jax.jit(jax.value_and_grad(
+      lambda p: square_loss(scanned_cfg, p, tokens)))(scanned)
+  value_p, grad_p = jax.jit(jax.value_and_grad(lambda p: square_loss(plain_cfg, p, tokens)))(plain)
+  np.testing.assert_allclose(value_s, value_p, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(unstack(grad_s, scanned_cfg)), jax.tree.leaves(grad_p)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize('pattern, remat', [('attn*3', 'none'),
                                             ('attn*2,attn:none,attn*2', 'full'),
                                             ('attn*2', 'dots')])
@@ -87,11 +101,4 @@ def test_scanned_stack_equals_unscanned_stack(pattern, remat):
   assert jax.tree.structure(plain) == jax.tree.structure(
       nn.unbox(jax.eval_shape(LM(plain_cfg).init, jax.random.key(0), tokens)['params']))
 
-  def loss(cfg, params):
-    return jnp.mean(LM(cfg).apply({'params': params}, tokens) ** 2)
-
-  value_s, grad_s = jax.jit(jax.value_and_grad(lambda p: loss(scanned_cfg, p)))(scanned)
-  value_p, grad_p = jax.jit(jax.value_and_grad(lambda p: loss(plain_cfg, p)))(plain)
-  np.testing.assert_allclose(value_s, value_p, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(unstack(grad_s, scanned_cfg)), jax.tree.leaves(grad_p)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  assert_scanned_equals_plain(scanned_cfg, scanned, plain_cfg, plain, tokens)

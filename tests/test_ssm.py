@@ -18,7 +18,7 @@ from model.config import ConfigError, MambaConfig
 from model.ssm import selective_scan
 from train.loop import train_and_evaluate
 from tests.conftest import run_config, tiny
-from tests.test_blocks import unstack
+from tests.test_blocks import assert_scanned_equals_plain, square_loss, unstack
 from tests.test_decode import cached_logits, setup
 
 
@@ -205,16 +205,10 @@ def test_scanned_rematerialised_and_bfloat16_stacks_compute_the_same_function():
   scanned = setup(scanned_cfg)[1]
   plain = unstack(scanned, scanned_cfg)
 
-  def loss(cfg, params):
-    return jnp.mean(LM(cfg).apply({'params': params}, tokens) ** 2)
-
-  value_s, grad_s = jax.jit(jax.value_and_grad(lambda p: loss(scanned_cfg, p)))(scanned)
-  value_p, grad_p = jax.jit(jax.value_and_grad(lambda p: loss(plain_cfg, p)))(plain)
-  np.testing.assert_allclose(value_s, value_p, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(unstack(grad_s, scanned_cfg)), jax.tree.leaves(grad_p)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
-  value_bf16 = jax.jit(lambda p: loss(plain_cfg.replace(dtype='bfloat16'), p))(plain)
-  np.testing.assert_allclose(value_bf16, value_p, rtol=0.02)
+  assert_scanned_equals_plain(scanned_cfg, scanned, plain_cfg, plain, tokens)
+  value = jax.jit(lambda p: square_loss(plain_cfg, p, tokens))(plain)
+  value_bf16 = jax.jit(lambda p: square_loss(plain_cfg.replace(dtype='bfloat16'), p, tokens))(plain)
+  np.testing.assert_allclose(value_bf16, value, rtol=0.02)
 
 
 def test_mamba_layers_with_and_without_a_feed_forward_train_on_shakespeare(tfds_dir, tmp_path):
