@@ -174,8 +174,9 @@ def run_name(first: int, count: int) -> str:
 class Stack(nn.Module):
   """The layers of the pattern. With `scan_layers`, each run of identical layers is one `nn.scan`
   whose parameters are stacked on a leading 'layers' axis; otherwise every layer is its own
-  module `layer_i`. Both compute the same function (tests/test_blocks.py). With `last_only`, an
-  unscanned final layer computes its feed-forward for the last position only (B, 1, D)."""
+  module `layer_i`. Both compute the same function (tests/test_blocks.py). With `last_only` it
+  returns the last position alone, (B, 1, D); an unscanned final layer then computes its
+  feed-forward for that position only."""
   config: ModelConfig
   decode: bool = False
   deterministic: bool = True
@@ -200,4 +201,6 @@ class Stack(nn.Module):
         for i in range(first, first + count):
           final = self.last_only and i == cfg.num_layers - 1
           x_BxLxD, _ = block(**kw, last_only=final, name=run_name(i, 1))(x_BxLxD, positions_BxL)
+    if self.last_only:  # a scanned final run returns every position
+      x_BxLxD = x_BxLxD[:, -1:]
     return x_BxLxD

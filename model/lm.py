@@ -49,8 +49,6 @@ class LM(nn.Module):
 
     x_BxLxD = Stack(cfg, decode=decode, deterministic=deterministic, last_only=last_only,
                     name='blocks')(x_BxLxD, positions_BxL)
-    if last_only:  # a scanned final layer returns every position
-      x_BxLxD = x_BxLxD[:, -1:]
     x_BxLxD = Norm(cfg, name='final_norm')(x_BxLxD)
 
     if cfg.tie_embeddings:
