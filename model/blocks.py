@@ -171,6 +171,16 @@ def run_name(first: int, count: int) -> str:
   return f'layer_{first}' if count == 1 else f'layers_{first}_to_{first + count - 1}'
 
 
+def run_layers(name: str) -> range | None:
+  """The layer indices a `run_name` names, range(first, first + count); None for other names."""
+  match = re.fullmatch(r'layer_(\d+)|layers_(\d+)_to_(\d+)', name)
+  if match is None:
+    return None
+  if match[1] is not None:
+    return range(int(match[1]), int(match[1]) + 1)
+  return range(int(match[2]), int(match[3]) + 1)
+
+
 class Stack(nn.Module):
   """The layers of the pattern. With `scan_layers`, each run of identical layers is one `nn.scan`
   whose parameters are stacked on a leading 'layers' axis; otherwise every layer is its own

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 
 import flax.linen as nn
@@ -20,7 +19,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from model import LM, count_params, training_flops_per_token
+from model import LM, blocks, count_params, training_flops_per_token
 from model.config import check_context
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
@@ -103,9 +102,6 @@ def bytes_per_device(tree) -> int:
   return total
 
 
-_SCANNED_RUN = re.compile(r'layers_(\d+)_to_(\d+)')  # model.blocks.run_name of a scanned run
-
-
 def flatten_layer_metrics(tree, prefix: str = 'layers') -> dict:
   """The model's per-layer metrics collection (the last step's values) as scalar keys
   'layers/layer_<i>/<module path>/<name>[/<element>]', e.g. 'layers/layer_1/ffn/expert_share/3':
@@ -117,9 +113,9 @@ def flatten_layer_metrics(tree, prefix: str = 'layers') -> dict:
     if names[0] == 'blocks':
       names = names[1:]
     value = np.asarray(leaf)[-1]
-    run = _SCANNED_RUN.fullmatch(names[0])
-    layers = ([(f'layer_{i}', value[i - int(run[1])]) for i in range(int(run[1]), int(run[2]) + 1)]
-              if run else [(names[0], value)])
+    indices = blocks.run_layers(names[0])
+    layers = ([(blocks.run_name(i, 1), value[i - indices.start]) for i in indices]
+              if indices is not None and len(indices) > 1 else [(names[0], value)])
     for layer, v in layers:
       key = '/'.join([prefix, layer, *names[1:]])
       for index in np.ndindex(v.shape):
