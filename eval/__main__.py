@@ -6,9 +6,10 @@ DIR/eval.json.
 
 import json
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from train import cli
 
 flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
@@ -23,17 +24,13 @@ def main(argv):
   from eval.restore import load_run
   from train import mesh as mesh_lib
   from train import step as step_lib, workdir as workdir_lib
-  from train.errors import USER_ERRORS, quiet_libraries
+  from train.errors import quiet_libraries
   from train.evaluate import evaluate
   from train.loop import put_batch
   quiet_libraries()
   workdir = flags.FLAGS.workdir
-  try:
-    run = load_run(workdir, flags.FLAGS.step)
-    _, _, val_split = workdir_lib.prepare_data(run.config, workdir, write=False)
-  except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  run = load_run(workdir, flags.FLAGS.step)
+  _, _, val_split = workdir_lib.prepare_data(run.config, workdir, write=False)
   sharding = mesh_lib.batch_sharding(run.mesh)
   result = evaluate(jax.jit(step_lib.make_eval_step(run.model)), run.params, val_split,
                     run.config.data.seq_len, flags.FLAGS.batch_size,
@@ -49,4 +46,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

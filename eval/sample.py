@@ -5,9 +5,10 @@ Prints the prompt and its continuation, generated with the KV cache (per-layer d
 Temperature 0 is greedy and deterministic.
 """
 
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from train import cli
 
 flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
 flags.DEFINE_string('prompt', '\n', 'Text to continue.')
@@ -32,33 +33,29 @@ def main(argv):
   from eval.decode import Sampling, generate
   from eval.restore import load_run
   from model.config import check_context
-  from train.errors import USER_ERRORS, quiet_libraries
+  from train.errors import quiet_libraries
   from train.tokenizers import TokenizerError
   quiet_libraries()
   f = flags.FLAGS
-  try:
-    sampling = Sampling(f.temperature, f.top_k, f.top_p)
-    run = load_run(f.workdir)
-    if not f.prompt:
-      raise TokenizerError('the prompt is empty; give at least one character to continue')
-    prompt = run.tokenizer.encode(f.prompt)
-    check_context(run.model_cfg, len(prompt) + f.max_new_tokens,
-                  'the prompt plus --max_new_tokens')
-    model = run.model
-    context = run.config.data.seq_len
-    if len(prompt) + f.max_new_tokens > context and not run.model_cfg.attention_window:
-      # Past its training context a model meets position offsets it never saw; like nanoGPT's
-      # cropping, attend to the last `context` tokens only.
-      model = type(model)(run.model_cfg.replace(attention_window=context))
-    stop = run.tokenizer.eos_id
-    if f.stop is not None:
-      ids = run.tokenizer.encode(f.stop.encode().decode('unicode_escape'))
-      if len(ids) != 1:
-        raise TokenizerError(f'--stop={f.stop!r} encodes to {len(ids)} tokens; it must be one')
-      stop = int(ids[0])
-  except (ValueError, *USER_ERRORS) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  sampling = Sampling(f.temperature, f.top_k, f.top_p)
+  run = load_run(f.workdir)
+  if not f.prompt:
+    raise TokenizerError('the prompt is empty; give at least one character to continue')
+  prompt = run.tokenizer.encode(f.prompt)
+  check_context(run.model_cfg, len(prompt) + f.max_new_tokens,
+                'the prompt plus --max_new_tokens')
+  model = run.model
+  context = run.config.data.seq_len
+  if len(prompt) + f.max_new_tokens > context and not run.model_cfg.attention_window:
+    # Past its training context a model meets position offsets it never saw; like nanoGPT's
+    # cropping, attend to the last `context` tokens only.
+    model = type(model)(run.model_cfg.replace(attention_window=context))
+  stop = run.tokenizer.eos_id
+  if f.stop is not None:
+    ids = run.tokenizer.encode(f.stop.encode().decode('unicode_escape'))
+    if len(ids) != 1:
+      raise TokenizerError(f'--stop={f.stop!r} encodes to {len(ids)} tokens; it must be one')
+    stop = int(ids[0])
   prompts = jnp.asarray(np.tile(prompt[None], (f.num_samples, 1)), jnp.int32)
   tokens, _ = generate(model, run.params, prompts, jax.random.key(f.seed),
                        max_new_tokens=f.max_new_tokens, sampling=sampling, eos_id=stop)
@@ -72,4 +69,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, errors=(ValueError,))  # bad --temperature, --top_k, --top_p

@@ -53,7 +53,7 @@ from model import LM, ModelConfig, count_params
 from model.blocks import AUX_LOSS, METRICS
 from model.config import ConfigError
 from train import cli, optim, step as step_lib
-from train.errors import USER_ERRORS, quiet_libraries
+from train.errors import quiet_libraries
 from train.grokfast import grokfast_ema
 from train.metric_writer import MetricWriter, Progress
 from train.workdir import save_config
@@ -283,14 +283,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  try:
-    if flags.FLAGS.sweep:
-      sweep(config, workdir)
-    else:
-      train(config, workdir)
-  except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  if flags.FLAGS.sweep:
+    sweep(config, workdir)
+  else:
+    train(config, workdir)
 
 
 def define_flags() -> None:

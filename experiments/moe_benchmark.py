@@ -16,7 +16,6 @@ training steps (compilation and evaluation excluded).
 
 import json
 import os
-import sys
 
 from absl import flags
 
@@ -84,17 +83,13 @@ def main(argv):
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')
   from train import perf
-  from train.errors import USER_ERRORS, quiet_libraries
+  from train.errors import quiet_libraries
   quiet_libraries()
   workdir, steps = flags.FLAGS.workdir, flags.FLAGS.steps
   os.makedirs(workdir, exist_ok=True)
   peak = perf.measure_peak_flops()  # once, so both runs' MFU share a denominator
-  try:
-    results = [train_one(name, overrides, workdir, steps, peak)
-               for name, overrides in models(flags.FLAGS.dropless).items()]
-  except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  results = [train_one(name, overrides, workdir, steps, peak)
+             for name, overrides in models(flags.FLAGS.dropless).items()]
   text = table(results)
   print(f'\n{steps} steps each on {perf.device_description()}\n{text}')
   with open(os.path.join(workdir, 'moe_benchmark.json'), 'w') as f:

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from typing import Any
 
@@ -334,22 +333,18 @@ def compare(workdirs: list[str], out: str, num_bootstrap: int = 100) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from train.errors import USER_ERRORS, quiet_libraries
+  from train.errors import quiet_libraries
   quiet_libraries()
   f = flags.FLAGS
-  try:
-    if f.compare:
-      compare(f.compare, f.workdir, f.bootstrap)
-    elif f.config is None:
-      analyze(f.workdir, f.bootstrap)
-    elif f.dry_run:
-      print(plan(grid(f.config, vocab_size(f.config, f.workdir))))
-    else:
-      sweep(f.config, f.workdir, parse_shard(f.shard), f.bootstrap)
-  except (*USER_ERRORS, SweepError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  if f.compare:
+    compare(f.compare, f.workdir, f.bootstrap)
+  elif f.config is None:
+    analyze(f.workdir, f.bootstrap)
+  elif f.dry_run:
+    print(plan(grid(f.config, vocab_size(f.config, f.workdir))))
+  else:
+    sweep(f.config, f.workdir, parse_shard(f.shard), f.bootstrap)
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, errors=(SweepError,))

@@ -6,7 +6,6 @@ On several hosts, run the same command on each: `jax.distributed` starts first (
 and every process trains its share of each batch on the mesh of all hosts' devices.
 """
 
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -35,15 +34,11 @@ def main(argv):
   # starts before anything creates a JAX backend.
   from train import loop
   from train import mesh as mesh_lib
-  from train.errors import USER_ERRORS, quiet_libraries
+  from train.errors import quiet_libraries
   quiet_libraries()
-  try:
-    mesh_lib.initialize_distributed(f.distributed, f.coordinator_address, f.num_processes,
-                                    f.process_id)
-    loop.train_and_evaluate(f.config, f.workdir)
-  except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  mesh_lib.initialize_distributed(f.distributed, f.coordinator_address, f.num_processes,
+                                  f.process_id)
+  loop.train_and_evaluate(f.config, f.workdir)
 
 
 if __name__ == '__main__':

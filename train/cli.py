@@ -1,5 +1,6 @@
 """What every command line shares: a flags parser that reports an unknown `--config.x.y` key as
-one clear line (config_flags raises a bare AttributeError), and running `main` with it."""
+one clear line (config_flags raises a bare AttributeError), and running `main` with it so that
+wrong input (train.errors.USER_ERRORS) ends as one 'error: ...' line and exit status 2."""
 
 from __future__ import annotations
 
@@ -44,5 +45,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def run(main) -> None:
-  app.run(main, flags_parser=parse_flags)
+def run(main, errors: tuple[type[Exception], ...] = ()) -> None:
+  """app.run(main) with `parse_flags`; USER_ERRORS and `errors` from main are reported as one
+  line, not a traceback."""
+  def main_reporting_user_errors(argv):
+    from train.errors import USER_ERRORS  # after flag parsing: --help need not import JAX
+    try:
+      return main(argv)
+    except (*USER_ERRORS, *errors) as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+
+  app.run(main_reporting_user_errors, flags_parser=parse_flags)
