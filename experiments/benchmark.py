@@ -47,7 +47,7 @@ def peak_memory_bytes(compiled) -> int:
 def bench_train(name: str, shape, steps_per_call: int, repeats: int, peak: float) -> dict:
   from model import LM, ModelConfig, training_flops_per_token
   from train import mesh as mesh_lib, optim, step as step_lib
-  from train.loop import init_state, put_batch
+  from train.loop import init_state, put_batch, sharded_multi_step
 
   cfg = ModelConfig.from_dict(shape.model)
   tc = _train_config(shape)
@@ -57,8 +57,7 @@ def bench_train(name: str, shape, steps_per_call: int, repeats: int, peak: float
   state, shardings = init_state(model, optimizer, mesh, seed=0)
   step = step_lib.make_train_step(model, optimizer, optim.learning_rate_schedule(tc), seed=0)
   steps_sharding = mesh_lib.batch_sharding(mesh, leading_axes=1)
-  multi = jax.jit(step_lib.make_multi_step(step), in_shardings=(shardings, steps_sharding),
-                  out_shardings=(shardings, None), donate_argnums=0)
+  multi = sharded_multi_step(step, mesh, shardings)  # the training loop's compiled call
   tokens = np.random.default_rng(0).integers(
       0, cfg.vocab_size, (steps_per_call, shape.batch_size, shape.seq_len + 1), dtype=np.int32)
   batches = put_batch({'inputs': tokens[..., :-1], 'targets': tokens[..., 1:]}, steps_sharding)

@@ -169,13 +169,20 @@ def activate(mesh: Mesh):
 
 
 def jit(fn, mesh: Mesh, **jit_kwargs):
-  """`jax.jit(fn, **jit_kwargs)` that traces with the mesh and the rules active."""
+  """`jax.jit(fn, **jit_kwargs)` that traces with the mesh and the rules active; its `lower`
+  too (to compile ahead of the first call)."""
   jitted = jax.jit(fn, **jit_kwargs)
 
   @functools.wraps(fn)
   def call(*args):
     with activate(mesh):
       return jitted(*args)
+
+  def lower(*args):
+    with activate(mesh):
+      return jitted.lower(*args)
+
+  call.lower = lower
   return call
 
 
