@@ -63,16 +63,24 @@ def _positions(start, batch: int, length: int):
   return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
+def prefill(model: LM, params, cache, prompt_BxT):
+  """Feeds the prompt through the caches at positions 0..T-1: (logits of its last position
+  (B, 1, V), the filled cache). Every layer sees every prompt position (`last_only` trims only
+  what no cache depends on), so the cache holds what the full forward pass computes."""
+  B, T = prompt_BxT.shape
+  logits, state = model.apply({'params': params, 'cache': cache}, prompt_BxT,
+                              _positions(0, B, T), decode=True, last_only=True,
+                              mutable=['cache'])
+  return logits, state['cache']
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'sampling', 'eos_id'))
 def generate(model: LM, params, prompt_BxT, rng, *, max_new_tokens: int,
              sampling: Sampling = Sampling(), eos_id: int | None = None):
   """(tokens (B, T + max_new_tokens), number of new tokens). After a row's end token (eos_id) the
   row repeats it; generation stops early once every row has ended."""
   B, T = prompt_BxT.shape
-  cache = init_cache(model, B, T + max_new_tokens)
-  logits, state = model.apply({'params': params, 'cache': cache}, prompt_BxT,
-                              _positions(0, B, T), decode=True, last_only=True,
-                              mutable=['cache'])
+  logits, cache = prefill(model, params, init_cache(model, B, T + max_new_tokens), prompt_BxT)
   fill = 0 if eos_id is None else eos_id
   tokens = jnp.full((B, T + max_new_tokens), fill, jnp.int32).at[:, :T].set(prompt_BxT)
 
@@ -92,7 +100,7 @@ def generate(model: LM, params, prompt_BxT, rng, *, max_new_tokens: int,
                                 _positions(T + i, B, 1), decode=True, mutable=['cache'])
     return i + 1, tokens, state['cache'], logits, rng, done
 
-  carry = (jnp.int32(0), tokens, state['cache'], logits, rng, jnp.zeros((B,), bool))
+  carry = (jnp.int32(0), tokens, cache, logits, rng, jnp.zeros((B,), bool))
   i, tokens, *_ = jax.lax.while_loop(keep_going, decode_step, carry)
   return tokens, i
 

@@ -41,8 +41,17 @@ class MixerSpec:
   extra_flops_per_token: Callable[[ModelConfig, int], float]
 
 
+@dataclasses.dataclass(frozen=True)
+class FfnSpec:
+  module: type[nn.Module] | None  # None: no feed-forward
+  # Whether each position's output depends on that position alone. A feed-forward that is not
+  # (MoE with capacity: earlier tokens claim the experts' slots) must see every position even when
+  # only the last one is read, or its output and its decoding state would differ.
+  position_wise: bool
+
+
 MIXERS: dict[str, MixerSpec] = {}
-FFNS: dict[str, type[nn.Module] | None] = {'none': None}
+FFNS: dict[str, FfnSpec] = {'none': FfnSpec(None, position_wise=True)}
 
 
 def register_mixer(name: str, *, default_ffn: str,
@@ -53,9 +62,9 @@ def register_mixer(name: str, *, default_ffn: str,
   return register
 
 
-def register_ffn(name: str):
+def register_ffn(name: str, *, position_wise: bool = True):
   def register(cls):
-    FFNS[name] = cls
+    FFNS[name] = FfnSpec(cls, position_wise)
     return cls
   return register
 
@@ -133,9 +142,10 @@ class Block(nn.Module):
   """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) unless ffn is 'none'.
 
   Returns (x, None) so the same module is the body of `nn.scan`. With `last_only` it returns the
-  last position alone, (B, 1, D), and runs its feed-forward on that position only: the final
-  layer of a model whose caller reads only the last position (answer-only losses, sampling's
-  prefill) pays for nothing else after its mixer.
+  last position alone, (B, 1, D): the final layer of a model whose caller reads only the last
+  position (answer-only losses, sampling's prefill). Its mixer still sees every position, and so
+  does a feed-forward that is not position-wise (`FfnSpec.position_wise`); a position-wise one
+  runs on the last position only.
   """
   config: ModelConfig
   mixer: str
@@ -151,12 +161,15 @@ class Block(nn.Module):
     h = Norm(cfg, name='mixer_norm')(x_BxLxD)
     h = MIXERS[self.mixer].module(**kw, name='mixer')(h, positions_BxL)
     x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+    ffn = FFNS[self.ffn]
+    if self.last_only and ffn.position_wise:
+      x_BxLxD = x_BxLxD[:, -1:]
+    if ffn.module is not None:
+      h = Norm(cfg, name='ffn_norm')(x_BxLxD)
+      h = ffn.module(**kw, name='ffn')(h)
+      x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
     if self.last_only:
       x_BxLxD = x_BxLxD[:, -1:]
-    if self.ffn != 'none':
-      h = Norm(cfg, name='ffn_norm')(x_BxLxD)
-      h = FFNS[self.ffn](**kw, name='ffn')(h)
-      x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
     return nn.with_logical_constraint(x_BxLxD, ACT_BLD), None
 
 
@@ -185,8 +198,8 @@ class Stack(nn.Module):
   """The layers of the pattern. With `scan_layers`, each run of identical layers is one `nn.scan`
   whose parameters are stacked on a leading 'layers' axis; otherwise every layer is its own
   module `layer_i`. Both compute the same function (tests/test_blocks.py). With `last_only` it
-  returns the last position alone, (B, 1, D); an unscanned final layer then computes its
-  feed-forward for that position only."""
+  returns the last position alone, (B, 1, D); an unscanned final layer with a position-wise
+  feed-forward then computes it for that position only."""
   config: ModelConfig
   decode: bool = False
   deterministic: bool = True

@@ -171,7 +171,7 @@ def dropless(experts: Experts, x_BxLxD, weights_BxLxK, experts_BxLxK):
   return jnp.einsum('blkd,blk->bld', y_BxLxKxD, weights_BxLxK.astype(y_AxD.dtype))
 
 
-@register_ffn('moe')
+@register_ffn('moe', position_wise=False)  # capacity: earlier tokens claim slots
 class MoE(nn.Module):
   config: ModelConfig
   decode: bool = False

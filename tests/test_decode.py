@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval.decode import Sampling, generate, generate_uncached, init_cache, sample_logits
-from model import LM
-from model.config import POSITIONS
+from eval.decode import Sampling, generate, generate_uncached, init_cache, prefill, sample_logits
+from model import LM, blocks
+from model.config import POSITIONS, MambaConfig, MoEConfig
 from tests.conftest import tiny
 
 
@@ -18,23 +18,23 @@ def setup(cfg, seed=0):
   return model, params['params']
 
 
-def cached_logits(model, params, tokens_BxL, prefill: int):
-  """Logits of every position computed through the cache: a prefill, then one token a step."""
+def cached_logits(model, params, tokens_BxL, prompt: int):
+  """Logits of positions prompt - 1 .. L - 1 computed as `generate` computes them: the prompt's
+  prefill (its last position), then one token a step through the cache. (B, L - prompt + 1, V)."""
   B, L = tokens_BxL.shape
 
   @jax.jit
   def run(params, tokens_BxL):
-    cache = init_cache(model, B, L)
-    pos = jnp.broadcast_to(jnp.arange(L), (B, L))
-    out, state = model.apply({'params': params, 'cache': cache}, tokens_BxL[:, :prefill],
-                             pos[:, :prefill], decode=True, mutable=['cache'])
-    outs = [out]
-    for t in range(prefill, L):
-      out, state = model.apply({'params': params, 'cache': state['cache']},
-                               tokens_BxL[:, t:t + 1], pos[:, t:t + 1], decode=True,
-                               mutable=['cache'])
-      outs.append(out)
-    return jnp.concatenate(outs, axis=1)
+    out, cache = prefill(model, params, init_cache(model, B, L), tokens_BxL[:, :prompt])
+
+    def step(cache, t):
+      token_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxL, t, 1, axis=1)
+      out, state = model.apply({'params': params, 'cache': cache}, token_Bx1,
+                               jnp.full((B, 1), t), decode=True, mutable=['cache'])
+      return state['cache'], out[:, 0]
+
+    _, outs_TxBxV = jax.lax.scan(step, cache, jnp.arange(prompt, L))
+    return jnp.concatenate([out, jnp.swapaxes(outs_TxBxV, 0, 1)], axis=1)
 
   return run(params, tokens_BxL)
 
@@ -45,7 +45,7 @@ def test_cached_decoding_equals_full_forward(position):
   model, params = setup(cfg)
   tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
   full = jax.jit(model.apply)({'params': params}, tokens)
-  np.testing.assert_allclose(cached_logits(model, params, tokens, prefill=5), full,
+  np.testing.assert_allclose(cached_logits(model, params, tokens, prompt=5), full[:, 4:],
                              atol=2e-5, rtol=1e-5)
 
 
@@ -54,7 +54,30 @@ def test_cached_decoding_with_a_sliding_window_equals_full_forward():
   model, params = setup(cfg)
   tokens = jax.random.randint(jax.random.key(3), (1, 12), 0, cfg.vocab_size)
   full = jax.jit(model.apply)({'params': params}, tokens)
-  np.testing.assert_allclose(cached_logits(model, params, tokens, prefill=3), full, atol=2e-5)
+  np.testing.assert_allclose(cached_logits(model, params, tokens, prompt=3), full[:, 2:],
+                             atol=2e-5)
+
+
+LAYER_KINDS = [(mixer, ffn) for mixer in sorted(blocks.MIXERS) for ffn in sorted(blocks.FFNS)]
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+@pytest.mark.parametrize('mixer, ffn', LAYER_KINDS)
+def test_cached_decoding_equals_full_forward_for_every_kind_of_last_layer(mixer, ffn, scan_layers):
+  # The kind under test comes last (scanned as a run of two when scan_layers), after a layer of
+  # another kind; MoE with a capacity small enough to drop, so slots matter. The prompt of 5
+  # crosses the Mamba scan's chunk of 4.
+  first = 'mamba:moe' if (mixer, ffn) == ('attn', 'mlp') else 'attn:mlp'
+  cfg = tiny(pattern=f'{first},{mixer}:{ffn}*2', scan_layers=scan_layers,
+             moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=0.5),
+             mamba=MambaConfig(scan_chunk=4))
+  model, params = setup(cfg)
+  tokens = jax.random.randint(jax.random.key(3), (2, 11), 0, cfg.vocab_size)
+  full = jax.jit(model.apply)({'params': params}, tokens)
+  np.testing.assert_allclose(cached_logits(model, params, tokens, prompt=5), full[:, 4:],
+                             atol=2e-5, rtol=1e-5)
+  last = jax.jit(lambda p, t: model.apply({'params': p}, t, last_only=True))(params, tokens)
+  np.testing.assert_allclose(last, full[:, -1:], atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('sampling', [Sampling(0.0), Sampling(1.0, top_k=5),
