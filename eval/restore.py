@@ -40,8 +40,17 @@ def load_run(workdir: str, step: int | None = None) -> TrainedRun:
   if step is None:
     raise workdir_lib.RunError(f'{workdir} has no checkpoint yet; train longer than '
                                f'train.checkpoint_every steps or until the end')
-  params, _, _ = checkpointer.restore(step, abstract_params(model, mesh))
-  checkpointer.close()
+  try:
+    params, _, _ = checkpointer.restore(step, abstract_params(model, mesh))
+  except Exception as e:  # orbax raises many kinds for unreadable files  # noqa: BLE001
+    earlier = [s for s in checkpointer.manager.all_steps() if s < step]
+    raise workdir_lib.RunError(
+        f'checkpoint {step} in {workdir} cannot be read ({type(e).__name__}: '
+        f'{str(e).strip().splitlines()[0][:200] if str(e).strip() else ""})'
+        + (f'; use --step={max(earlier)}, or resume training there, which sets it aside'
+           if earlier else '')) from e
+  finally:
+    checkpointer.close()
   return TrainedRun(config, model_cfg, model, tokenizer, params, step, mesh)
 
 

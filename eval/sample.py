@@ -1,5 +1,5 @@
 """python -m eval.sample --workdir=DIR --prompt="ROMEO:" [--temperature --top_k --top_p
---max_new_tokens --num_samples --seed --stop]
+--max_new_tokens --num_samples --seed --stop --step]
 
 Prints the prompt and its continuation, generated with the KV cache (per-layer decoding state).
 Temperature 0 is greedy and deterministic.
@@ -11,6 +11,7 @@ from absl import flags
 from train import cli
 
 flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
+flags.DEFINE_integer('step', None, 'Checkpoint step to sample from (default: the latest).')
 flags.DEFINE_string('prompt', '\n', 'Text to continue.')
 flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
 flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0: all.')
@@ -38,7 +39,7 @@ def main(argv):
   quiet_libraries()
   f = flags.FLAGS
   sampling = Sampling(f.temperature, f.top_k, f.top_p)
-  run = load_run(f.workdir)
+  run = load_run(f.workdir, f.step)
   if not f.prompt:
     raise TokenizerError('the prompt is empty; give at least one character to continue')
   prompt = run.tokenizer.encode(f.prompt)
@@ -52,7 +53,10 @@ def main(argv):
     model = type(model)(run.model_cfg.replace(attention_window=context))
   stop = run.tokenizer.eos_id
   if f.stop is not None:
-    ids = run.tokenizer.encode(f.stop.encode().decode('unicode_escape'))
+    # Backslash escapes ("\\n") become the characters they name; other text stays as it is
+    # (non-Latin-1 characters go through the escape codec as \\uXXXX).
+    stop_text = f.stop.encode('latin-1', 'backslashreplace').decode('unicode_escape')
+    ids = run.tokenizer.encode(stop_text)
     if len(ids) != 1:
       raise TokenizerError(f'--stop={f.stop!r} encodes to {len(ids)} tokens; it must be one')
     stop = int(ids[0])

@@ -22,9 +22,11 @@ from model.layers import ACT_BLHD, dense, head_rmsnorm, output_std
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token of the score and value products (PaLM's 12 * L * H * Q * T per
-  layer): 2 * T * H * Dh for q.k and as much for p.v, times 3 for forward + backward. The causal
-  mask's skipped half is counted too, as PaLM and nanoGPT count it."""
-  return 12.0 * seq_len * cfg.num_heads * cfg.dh
+  layer): 2 * T * H * Dh for q.k and as much for p.v, times 3 for forward + backward, where T is
+  the keys a query is scored against: the sequence, or the `attention_window` when shorter. The
+  causal mask's skipped half is counted too, as PaLM and nanoGPT count it."""
+  keys = min(seq_len, cfg.attention_window) if cfg.attention_window else seq_len
+  return 12.0 * keys * cfg.num_heads * cfg.dh
 
 
 @register_mixer('attn', default_ffn='mlp', extra_flops_per_token=attention_flops_per_token)
@@ -59,8 +61,9 @@ class Attention(nn.Module):
     elif self.decode:  # `init` in decode mode: create the cache at this call's length
       self._update_cache(k_BxLxKxDh, v_BxLxKxDh)
     bias = None
-    if cfg.position == 'alibi':
-      bias = positions.alibi_bias(q_pos_BxL, k_pos_BxS, H).astype(q_BxLxHxDh.dtype)
+    if cfg.position == 'alibi':  # float32 whatever the compute dtype: bfloat16 has 8 bits of
+      # mantissa, so distances past 256 would share one bias
+      bias = positions.alibi_bias(q_pos_BxL, k_pos_BxS, H)
     out_BxLxHxDh = jax.nn.dot_product_attention(
         q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias=bias, mask=mask, is_causal=mask is None,
         local_window_size=(window - 1, 0) if window and mask is None else None,

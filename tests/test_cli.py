@@ -55,15 +55,24 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path):
        "config.model has no key 'widht'"),
       (('train', f'--config={CONFIG}', f'--workdir={trained}', '--config.model.d_model=64',
         '--config.model.d_ff=64', '--config.model.pattern=attn*2'),
-       'holds a run of a different model'),
+       'holds a run of another model or data'),
       (('train', f'--config={CONFIG}', f'--workdir={tmp_path}/x',
         f'--config.data.path={tmp_path}/missing.txt', '--config.data.tfds_fallback='),
        'missing.txt does not exist'),
       (('eval.sample', f'--workdir={trained}', '--prompt=ROMEO ☃'),
        "outside the character vocabulary: ['☃']"),
+      (('eval.sample', f'--workdir={trained}', '--prompt=ROMEO', '--stop=☃'),
+       "outside the character vocabulary: ['☃']"),   # not its UTF-8 bytes read as Latin-1
+      (('train', f'--config={CONFIG}', f'--workdir={tmp_path}/y', '--config.train.log_every=0'),
+       'train.log_every=0 must be a whole number >= 1'),
+      (('train', f'--config={CONFIG}', f'--workdir={tmp_path}/y', '--config.train.batch_size=12',
+        '--config.train.grad_accum_steps=5'),
+       'train.grad_accum_steps=5 does not divide train.batch_size=12'),
       (('eval', f'--workdir={tmp_path}/empty'), 'holds no run'),
   ]
   for args, message in cases:
     result = run(*args, check=False)
     assert result.returncode == 2, (args, result.stderr)
     assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert not os.path.exists(f'{tmp_path}/y')  # refused before anything was written

@@ -42,3 +42,39 @@ def test_unknown_keys_are_rejected_with_the_valid_ones():
 def test_from_dict_round_trips():
   cfg = tiny(num_kv_heads=2, position='alibi')
   assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize('section, field, value, message', [
+    ('train', 'log_every', 0, r'train.log_every=0 must be a whole number >= 1'),
+    ('train', 'num_steps', -5, r'train.num_steps=-5 must be a whole number >= 1'),
+    ('train', 'grad_accum_steps', 5, r'train.grad_accum_steps=5 does not divide '
+                                     r'train.batch_size=32'),
+    ('train', 'schedule', 'bogus', r"train.schedule='bogus' is not known; choose one of "
+                                   r"\['cosine', 'linear', 'constant'\]"),
+    ('train', 'b2', 1.0, r'train.b2=1.0 must be a number in \[0.0, 1.0\)'),
+    ('train', 'lr', -1e-3, r'train.lr=-0.001 must be a number >= 0.0'),
+    ('train', 'eval_every', -1, r'train.eval_every=-1 must be a whole number >= 0'),
+    ('train', 'keep_checkpoints', 0, r'train.keep_checkpoints=0 must be a whole number >= 1'),
+    ('data', 'tokenizer', 'words', r"data.tokenizer='words' is not known"),
+    ('data', 'seq_len', 0, r'data.seq_len=0 must be a whole number >= 1'),
+    ('data', 'val_fraction', 1.0, r'data.val_fraction=1.0 must be a number in \[0.0, 1.0\)'),
+    ('data', 'path', '', r'no corpus configured'),
+])
+def test_invalid_train_and_data_values_name_the_field(section, field, value, message):
+  from experiments.configs import base
+  from train.config import check_run_config
+  config = base.get_config()
+  config.data.path = 'corpus.txt'
+  check_run_config(config)  # the defaults are valid
+  config[section][field] = value
+  with pytest.raises(ConfigError, match=message):
+    check_run_config(config)
+
+
+def test_a_sentencepiece_tokenizer_needs_a_vocabulary_size():
+  from experiments.configs import base
+  from train.config import check_run_config
+  config = base.get_config()
+  config.data.update(path='corpus.txt', tokenizer='bpe')
+  with pytest.raises(ConfigError, match=r"data.tokenizer='bpe' needs data.vocab_size"):
+    check_run_config(config)

@@ -36,11 +36,14 @@ def test_param_counts_equal_the_hand_formula_and_the_tree(kw):
   assert counts.total == sum(np.size(x) for x in jax.tree.leaves(params))
 
 
-def test_training_flops_per_token_formula():
-  cfg = tiny(pattern='attn*3')
-  n = count_params(cfg).non_embedding
-  seq_len = 16
-  # 6 x (N + the head's D x V) + 12 x T x H x Dh for each attention layer (PaLM, App. B).
-  expected = 6 * (n + 32 * 61) + 3 * 12 * seq_len * 4 * 8
-  assert training_flops_per_token(cfg, seq_len) == expected
-  assert training_flops_per_token(cfg, 2 * seq_len) - expected == 3 * 12 * seq_len * 4 * 8
+def test_training_flops_per_token_by_hand():
+  # attn*1, D 32, 4 heads of 8, SwiGLU 64, vocabulary 61, RMSNorm, tied head; 16 tokens.
+  # Non-embedding parameters: q, k, v, out 4 x 32 x 32 = 4,096; SwiGLU 3 x 32 x 64 = 6,144;
+  # two block norms and the final one 3 x 32 = 96: N = 10,336. 6 x (N + the head's 32 x 61 =
+  # 1,952) = 73,728; attention 12 x 16 keys x 4 heads x 8 = 6,144: 79,872 in all.
+  cfg = tiny(pattern='attn*1')
+  assert training_flops_per_token(cfg, 16) == 79_872
+  assert training_flops_per_token(cfg, 32) == 79_872 + 6_144     # twice the keys
+  # A window of 4 scores 4 keys, not 16: 12 x 4 x 4 x 8 = 1,536.
+  assert training_flops_per_token(tiny(pattern='attn*1', attention_window=4), 16) == 75_264
+  assert training_flops_per_token(tiny(pattern='attn*1', attention_window=64), 16) == 79_872

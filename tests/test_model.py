@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from model import LM, positions
+from model.attention import Attention
 from model.config import POSITIONS
 from tests.conftest import tiny
 
@@ -126,6 +127,28 @@ def test_alibi_bias_is_minus_slope_times_distance():
         np.testing.assert_allclose(bias[h, i, j], -slopes[h] * (i - j), rtol=1e-6)
 
 
+def test_alibi_bias_stays_float32_under_bfloat16_compute():
+  # One head (slope 2^-8), zero queries and keys: the scores are ALiBi's bias alone, and the
+  # output is the probability of the one key whose value is 1. Its distance, 3000, makes the
+  # bias -11.71875, half-way between two bfloat16 values (1/16 apart there): rounded, the
+  # probability would be off by e^(1/32) - 1 = 3%; bfloat16 probabilities themselves err ~0.4%.
+  cfg = tiny(d_model=8, num_heads=1, position='alibi', dtype='bfloat16')
+  q, d = 3000, 3000
+  x_LxD = np.zeros((q + 1, 8), np.float32)
+  x_LxD[q - d, 0] = 1.0
+  attention = Attention(cfg)
+  positions_1xL = jnp.arange(q + 1)[None]
+  params = nn.unbox(attention.init(jax.random.key(0), jnp.asarray(x_LxD)[None],
+                                   positions_1xL))['params']
+  params = jax.tree.map(jnp.zeros_like, params)
+  params['value']['kernel'] = params['value']['kernel'].at[0].set(1.0)     # v_t = x_t[0]
+  params['out']['kernel'] = params['out']['kernel'].at[0, 0, 0].set(1.0)  # y_t[0] = o_t[0]
+  y = jax.jit(attention.apply)({'params': params}, jnp.asarray(x_LxD)[None], positions_1xL)
+  bias = -(2.0 ** -8) * (q - np.arange(q + 1))
+  p = np.exp(bias) / np.exp(bias).sum()
+  np.testing.assert_allclose(float(y[0, q, 0]), p[q - d], rtol=0.01)
+
+
 def test_sinusoidal_table_follows_the_paper():
   d = 16
   pe = np.asarray(positions.sinusoidal(jnp.arange(50)[None], d))[0]
@@ -143,7 +166,11 @@ def test_logits_float32_with_bfloat16_compute_and_float32_params():
   [logits] = forward(model, params, random_tokens(cfg, (2, 16)))
   assert logits.dtype == jnp.float32
   [ref] = forward(LM(tiny()), params, random_tokens(cfg, (2, 16)))
-  np.testing.assert_allclose(logits, ref, atol=0.1)  # bf16 compute is close to float32
+  # bfloat16 keeps 8 bits of mantissa: each rounding errs by up to 2^-9 of the value. The logits
+  # pass through a few of them; allow four at the logits' largest magnitude, and require some
+  # error, so that a model silently computing in float32 fails.
+  error = np.abs(np.asarray(logits) - np.asarray(ref)).max()
+  assert 0 < error <= 4 * 2.0 ** -9 * np.abs(np.asarray(ref)).max()
 
 
 def test_tied_and_untied_heads():

@@ -149,10 +149,13 @@ def test_initialisation_follows_the_paper_and_counts_match_the_tree():
   assert names['blocks/layer_0/mixer/dt_proj/kernel'] == ('ssm_rank', 'ssm_inner')
 
   counts = count_params(cfg)
-  assert counts.non_embedding == hand_count(256, Din, N, R, 4) + 256  # + the final norm
+  non_embedding = hand_count(256, Din, N, R, 4) + 256  # + the final norm
+  assert counts.non_embedding == non_embedding
   assert counts.total == sum(np.size(x) for x in jax.tree.leaves(params))
-  # 6 x (N + D x V) plus the scan's 15 x Din x N, whatever the length.
-  expected = 6 * (counts.non_embedding + 256 * 61) + 15 * Din * N
+  # 6 x (N + D x V), plus the scan's elementwise work: per state element (512 x 8 of them) 7
+  # forward FLOPs (x 3 for training), of which A_log's 6 x params already counts 6: 15 each,
+  # 61,440 in all, whatever the length.
+  expected = 6 * (non_embedding + 256 * 61) + 61_440
   assert training_flops_per_token(cfg, 64) == training_flops_per_token(cfg, 128) == expected
 
   floored = tiny(pattern='mamba', mamba=MambaConfig(dt_min=1e-5, dt_max=1e-3, dt_init_floor=1e-4))
@@ -223,4 +226,4 @@ def test_mamba_layers_with_and_without_a_feed_forward_train_on_shakespeare(tfds_
     rows = [json.loads(line) for line in f]
   losses = [r['train_loss'] for r in rows if 'train_loss' in r]
   assert len(losses) == 4 and losses[-1] < losses[0] - 0.5   # from ~4.1 (uniform) downwards
-  assert final['val_loss'] < np.log(65) - 0.5 and 0 < rows[-2]['mfu']
+  assert final['val_loss'] < np.log(65) - 0.5

@@ -12,11 +12,15 @@ import optax
 import pytest
 
 from model import LM
+from model.config import ConfigError
 from train import optim, step as step_lib
-from train.loop import NonFiniteLossError, train_and_evaluate
+from eval.restore import load_run
+from train.checkpoint import CheckpointError, NonFiniteError
+from train.loop import train_and_evaluate
+from train.mesh import MeshError
 from train.metric_writer import MetricWriter
 from train.workdir import RunError
-from tests.conftest import run_config, tiny
+from tests.conftest import SHAKESPEARE, run_config, tiny
 
 
 def test_weight_decay_skips_norms_biases_and_vectors():
@@ -109,7 +113,10 @@ def test_training_on_shakespeare_lowers_the_loss_and_writes_its_outputs(tfds_dir
   val = [r for r in rows if 'val_loss' in r]
   assert [r['step'] for r in val] == [20, 40] and val[-1]['val_loss'] < np.log(65) - 0.5
   assert final['val_loss'] == val[-1]['val_loss'] and final['val_tokens'] > 100_000  # whole split
-  assert 'tokens_per_s' in rows[-2] and 0 < rows[-2]['mfu']
+  # MFU: the model's training FLOPs per token over the config's peak (1e11 FLOP/s). By hand:
+  # N = 2 x (4 x 32 x 32 attention + 3 x 32 x 64 SwiGLU + 2 x 32 norms) + 32 = 20,640, so
+  # 6 x (N + 32 x 65 head) + 2 layers x 12 x 32 keys x 4 heads x 8 = 160,896.
+  assert rows[-2]['mfu'] == pytest.approx(160_896 * rows[-2]['tokens_per_s'] / 1e11)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '40']
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
   assert json.load(open(os.path.join(workdir, 'config.json')))['model']['vocab_size'] == 65
@@ -154,7 +161,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(tfds_dir, tm
   before = {f: os.path.getmtime(os.path.join(workdir, 'checkpoints', '20', f))
             for f in os.listdir(os.path.join(workdir, 'checkpoints', '20'))}
   config.train.update(num_steps=40, lr=1e12, grad_clip=0.0, warmup_steps=0)
-  with pytest.raises(NonFiniteLossError, match=r'loss became (nan|inf) at step 2\d.*step 20, '
+  with pytest.raises(NonFiniteError, match=r'loss became (nan|inf) at step 2\d.*step 20, '
                                               r'is intact'):
     train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20']
@@ -172,3 +179,151 @@ def test_a_workdir_of_another_model_is_refused_untouched(tfds_dir, tmp_path):
   with pytest.raises(RunError, match=r"data.tokenizer: 'char' -> 'byte'"):
     train_and_evaluate(run_config(tfds_dir, data=dict(tokenizer='byte')), workdir)
   assert snapshot == {p: os.path.getmtime(os.path.join(workdir, p)) for p in os.listdir(workdir)}
+
+
+def tensorboard_scalars(workdir, tag):
+  """(step, value) of every `tag` event in DIR/tensorboard, read from the TFRecord framing of the
+  event files (8-byte length, 4-byte CRC, the Event proto, 4-byte CRC)."""
+  from tensorboardX.proto import event_pb2
+  points = []
+  tb = os.path.join(workdir, 'tensorboard')
+  for name in sorted(os.listdir(tb)):
+    data = open(os.path.join(tb, name), 'rb').read()
+    pos = 0
+    while pos < len(data):
+      length = int.from_bytes(data[pos:pos + 8], 'little')
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      points += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+  return points
+
+
+def test_resumed_runs_tensorboard_holds_each_step_once(tfds_dir, tmp_path, monkeypatch):
+  config = run_config(tfds_dir, train=dict(num_steps=40, checkpoint_every=20, eval_every=0))
+  workdir = str(tmp_path / 'run')
+  write = MetricWriter.write
+
+  def write_then_die(self, step, metrics):
+    write(self, step, metrics)
+    if step == 30:
+      raise Preempted
+
+  monkeypatch.setattr(MetricWriter, 'write', write_then_die)
+  with pytest.raises(Preempted):
+    train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+  train_and_evaluate(config, workdir)
+  rows = [(r['step'], r['train_loss']) for r in read_metrics(workdir) if 'train_loss' in r]
+  assert [s for s, _ in rows] == [10, 20, 30, 40]
+  np.testing.assert_allclose(tensorboard_scalars(workdir, 'train_loss'), rows, rtol=1e-6)
+
+
+def inf_update_at(step_index):
+  """An optimizer step that makes every update infinite at the given step (0-based): the loss
+  of that step is still finite (it is computed before the update), its parameters are not."""
+  def init(params):
+    return optax.ScaleByScheduleState(jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    scale = jnp.where(state.count == step_index, jnp.inf, 1.0)
+    return jax.tree.map(lambda u: u * scale, updates), optax.ScaleByScheduleState(state.count + 1)
+  return optax.GradientTransformation(init, update)
+
+
+def test_a_non_finite_update_on_a_save_step_is_never_saved(tfds_dir, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'run')
+  make_optimizer = optim.make_optimizer
+  monkeypatch.setattr(optim, 'make_optimizer',
+                      lambda tc: optax.chain(make_optimizer(tc), inf_update_at(19)))
+  config = run_config(tfds_dir, train=dict(num_steps=40, checkpoint_every=10, eval_every=0))
+  with pytest.raises(NonFiniteError, match=r'not finite at step 20, so they were not saved. The '
+                                           r'last good checkpoint, step 10, is intact'):
+    train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10']
+
+
+def snapshot(workdir):
+  return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+          for d, _, files in os.walk(workdir) for f in files}
+
+
+def test_resuming_with_other_data_is_refused_naming_the_fields(tfds_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = run_config(tfds_dir, train=dict(num_steps=10, eval_every=0, checkpoint_every=10))
+  train_and_evaluate(config, workdir)
+  before = snapshot(workdir)
+  other = tmp_path / 'other.txt'
+  other.write_text(open(config.data.path).read()[:200_000])
+  for section, change, message in [
+      ('data', dict(path=str(other)), r"data.path: '.*input.txt' -> '.*other.txt'"),
+      ('data', dict(seq_len=16), r'data.seq_len: 32 -> 16'),
+      ('train', dict(batch_size=16), r'train.batch_size: 8 -> 16'),
+      ('train', dict(seed=1), r'train.seed: 0 -> 1')]:
+    with pytest.raises(RunError, match=message + r'.*--init_from='):
+      train_and_evaluate(run_config(tfds_dir, **{section: change}), workdir)
+  assert snapshot(workdir) == before
+
+
+def test_a_refused_config_leaves_the_workdir_as_it_found_it(tfds_dir, tmp_path):
+  fresh = str(tmp_path / 'fresh')
+  for sections, error in [(dict(model=dict(position='xpos')), ConfigError),
+                          (dict(mesh=dict(data=3)), MeshError),
+                          (dict(train=dict(log_every=0)), ConfigError),
+                          (dict(model=dict(vocab_size=10)), RunError)]:  # below the tokenizer's
+    with pytest.raises(error):
+      train_and_evaluate(run_config(tfds_dir, **sections), fresh)
+    assert not os.path.exists(fresh)
+
+
+def test_init_from_starts_from_another_runs_parameters_on_other_data(tfds_dir, tmp_path):
+  base_dir, tuned = str(tmp_path / 'base'), str(tmp_path / 'tuned')
+  train_and_evaluate(run_config(tfds_dir, train=dict(num_steps=10, eval_every=0)), base_dir)
+  before = snapshot(base_dir)
+  other = tmp_path / 'other.txt'
+  other.write_text(open(SHAKESPEARE).read()[-300_000:])
+  # lr 0: the tuned run's parameters stay those it started from.
+  config = run_config(tfds_dir, data=dict(path=str(other)),
+                      train=dict(num_steps=10, eval_every=0, lr=0.0, min_lr=0.0,
+                                 init_from=base_dir))
+  train_and_evaluate(config, tuned)
+  for a, b in zip(jax.tree.leaves(load_run(base_dir).params),
+                  jax.tree.leaves(load_run(tuned).params)):
+    np.testing.assert_array_equal(a, b)
+  assert snapshot(base_dir) == before  # only read
+  assert json.load(open(os.path.join(tuned, 'config.json')))['train']['init_from'] == base_dir
+  assert open(os.path.join(tuned, 'tokenizer', 'tokenizer.json')).read() == open(
+      os.path.join(base_dir, 'tokenizer', 'tokenizer.json')).read()
+
+  with pytest.raises(RunError, match=r'init_from=.* another model shape or tokenizer.*'
+                                     r'model.d_model: 32 -> 64'):
+    train_and_evaluate(run_config(tfds_dir, model=dict(d_model=64),
+                                  train=dict(init_from=base_dir)), str(tmp_path / 'wide'))
+  with pytest.raises(RunError, match=r"data.tokenizer: 'char' -> 'byte'"):
+    train_and_evaluate(run_config(tfds_dir, data=dict(tokenizer='byte'),
+                                  train=dict(init_from=base_dir)), str(tmp_path / 'bytes'))
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tfds_dir, tmp_path, capsys):
+  # A constant schedule, so that extending num_steps from 40 to 60 changes no learning rate.
+  config = run_config(tfds_dir, train=dict(num_steps=40, checkpoint_every=20, eval_every=0,
+                                           schedule='constant'))
+  whole, workdir = str(tmp_path / 'whole'), str(tmp_path / 'run')
+  train_and_evaluate(config, whole)
+  train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'checkpoints', '40', 'params', '_METADATA'), 'w') as f:
+    f.write('{"tree_metadata": ')  # truncated
+  config.train.num_steps = 60
+  train_and_evaluate(config, workdir)  # resumes at 20, redoes 21..40, goes on to 60
+  assert 'checkpoint 40 cannot be read' in capsys.readouterr().err
+  assert os.listdir(os.path.join(workdir, 'checkpoints_unreadable')) == ['40']
+  train_and_evaluate(config, whole)
+  a = [(r['step'], r['train_loss']) for r in read_metrics(whole) if 'train_loss' in r]
+  assert a == [(r['step'], r['train_loss']) for r in read_metrics(workdir) if 'train_loss' in r]
+
+  for step in os.listdir(os.path.join(workdir, 'checkpoints')):
+    if step.isdigit():
+      os.remove(os.path.join(workdir, 'checkpoints', step, 'data', 'metadata'))
+  with pytest.raises(CheckpointError, match=r'no checkpoint in .* can be restored: step 60 fails'
+                                            r'.* delete .*checkpoints to train from scratch'):
+    train_and_evaluate(config, workdir)

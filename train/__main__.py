@@ -15,6 +15,9 @@ from train import cli
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Work directory: config, tokenizer, checkpoints, metrics.')
+flags.DEFINE_string('init_from', None, 'Start from the parameters and tokenizer of the run in this '
+                    'work directory (fine-tuning, other data); the same as '
+                    '--config.train.init_from. It is only read.')
 flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                   'Start jax.distributed: "auto" when a coordinator or several processes are '
                   'given (flags below, JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, Slurm, Open '
@@ -38,7 +41,11 @@ def main(argv):
   quiet_libraries()
   mesh_lib.initialize_distributed(f.distributed, f.coordinator_address, f.num_processes,
                                   f.process_id)
-  loop.train_and_evaluate(f.config, f.workdir)
+  config = f.config
+  if f.init_from is not None:
+    config = config.copy_and_resolve_references()
+    config.train.init_from = f.init_from
+  loop.train_and_evaluate(config, f.workdir)
 
 
 if __name__ == '__main__':

@@ -47,13 +47,22 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run(main, errors: tuple[type[Exception], ...] = ()) -> None:
   """app.run(main) with `parse_flags`; USER_ERRORS and `errors` from main are reported as one
-  line, not a traceback."""
+  line, not a traceback, with exit status 2. A run stopped by a signal (train.preemption) says
+  where it stopped, with 128 + the signal's number; Ctrl-C anywhere else, 130."""
   def main_reporting_user_errors(argv):
-    from train.errors import USER_ERRORS  # after flag parsing: --help need not import JAX
+    # After flag parsing: --help need not import JAX.
+    from train.errors import USER_ERRORS
+    from train.preemption import Interrupted
     try:
       return main(argv)
     except (*USER_ERRORS, *errors) as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
+    except Interrupted as e:
+      print(e, file=sys.stderr)
+      sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+      print('interrupted', file=sys.stderr)
+      sys.exit(130)
 
   app.run(main_reporting_user_errors, flags_parser=parse_flags)

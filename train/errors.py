@@ -2,12 +2,13 @@
 
 from model.config import ConfigError
 from train.data import DataError
-from train.loop import NonFiniteLossError
+from train.checkpoint import CheckpointError, NonFiniteError
 from train.mesh import MeshError
 from train.tokenizers import TokenizerError
 from train.workdir import RunError
 
-USER_ERRORS = (ConfigError, DataError, MeshError, NonFiniteLossError, RunError, TokenizerError)
+USER_ERRORS = (CheckpointError, ConfigError, DataError, MeshError, NonFiniteError, RunError,
+               TokenizerError)
 
 
 def quiet_libraries() -> None:

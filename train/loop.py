@@ -22,15 +22,14 @@ from jax.experimental import multihost_utils
 from model import LM, blocks, count_params, training_flops_per_token
 from model.config import check_context
 from train import checkpoint as ckpt_lib
+from train import config as config_lib
 from train import data as data_lib
 from train import mesh as mesh_lib
-from train import optim, perf, step as step_lib, workdir as workdir_lib
+from train import optim, perf, step as step_lib, tokenizers, workdir as workdir_lib
+from train.checkpoint import NonFiniteError
 from train.evaluate import evaluate
 from train.metric_writer import MetricWriter, Progress
-
-
-class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN or infinite loss; the last good checkpoint is left as it was."""
+from train.preemption import Interrupted, StopRequest
 
 
 def _init_fn(model: LM, optimizer, seed: int):
@@ -50,12 +49,12 @@ def state_shardings(model: LM, optimizer, mesh):
   return mesh_lib.logical_shardings(abstract, mesh)
 
 
-def init_state(model: LM, optimizer, mesh, seed: int):
-  """The train state created on the mesh with its shardings: (state, shardings)."""
-  shardings = state_shardings(model, optimizer, mesh)
+def init_state(model: LM, optimizer, mesh, seed: int, shardings=None):
+  """The train state created on the mesh with its shardings (`state_shardings`'s unless given):
+  (state, shardings)."""
+  shardings = shardings or state_shardings(model, optimizer, mesh)
   init = _init_fn(model, optimizer, seed)
-  state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
-  return state, shardings
+  return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)(), shardings
 
 
 def sharded_multi_step(train_step, mesh, shardings):
@@ -78,19 +77,6 @@ def put_batch(batch: dict, sharding) -> dict:
   """This process's rows of a global batch -> global arrays laid out by `sharding`."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
-
-
-def _prepare_data_chief_first(config: ml_collections.ConfigDict, workdir: str):
-  """`workdir_lib.prepare_data` on process 0 first, which writes the tokenizer and token caches;
-  the others then read them (on a shared work directory) or build the same ones themselves."""
-  chief = jax.process_index() == 0
-  if chief:
-    prepared = workdir_lib.prepare_data(config, workdir, write=True)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('data prepared')
-  if not chief:
-    prepared = workdir_lib.prepare_data(config, workdir, write=False)
-  return prepared
 
 
 def bytes_per_device(tree) -> int:
@@ -146,48 +132,113 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return final
 
 
+def _checked_data(config: ml_collections.ConfigDict, workdir: str, init_run):
+  """(tokenizer, train Split, validation Split, whether they were built now): the work
+  directory's, else built in memory from the corpus with `init_run`'s tokenizer when there is one.
+  On several processes, process 0 first (it writes them once every check has passed); the others
+  then read them, or build the same ones where the directory is not shared."""
+  chief = jax.process_index() == 0
+  if not chief:
+    multihost_utils.sync_global_devices('data prepared')
+  prepared = workdir_lib.load_data(workdir)
+  if prepared is not None:
+    return (*prepared, False)
+  tokenizer = init_run.tokenizer if init_run is not None else None
+  return (*workdir_lib.build_data(config, tokenizer), chief)
+
+
+class InitRun:
+  """The run `train.init_from` names: its config, tokenizer and latest checkpoint, read only."""
+
+  def __init__(self, directory: str, config: ml_collections.ConfigDict):
+    self.directory = directory
+    self.config = workdir_lib.load_config(directory)
+    if self.config is None:
+      raise workdir_lib.RunError(f'train.init_from={directory} holds no run (no '
+                                 f'{workdir_lib.CONFIG_FILE}); give the --workdir of a trained run')
+    diffs = workdir_lib.model_differences(self.config.model.to_dict(), config.model.to_dict())
+    diffs += workdir_lib.differences(self.config.to_dict(), config.to_dict(),
+                                     ['data.tokenizer', 'data.vocab_size'])
+    if diffs:
+      raise workdir_lib.RunError(
+          f'train.init_from={directory} holds a run of another model shape or tokenizer, so its '
+          f'parameters do not fit this config: ' + '; '.join(diffs)
+          + '. Give this run the model and tokenizer settings of that one.')
+    self.tokenizer = tokenizers.load(os.path.join(directory, 'tokenizer'))
+    checkpointer = ckpt_lib.Checkpointer(directory, read_only=True)
+    self.step = checkpointer.latest_step()
+    checkpointer.close()
+    if self.step is None:
+      raise workdir_lib.RunError(f'train.init_from={directory} has no checkpoint yet; train it '
+                                 f'first (or longer than train.checkpoint_every steps)')
+
+  def params(self, abstract_params):
+    checkpointer = ckpt_lib.Checkpointer(self.directory, read_only=True)
+    try:
+      return checkpointer.restore(self.step, abstract_params)[0]
+    finally:
+      checkpointer.close()
+
+
 class Run:
-  """One training run: everything built from the config and the work directory, then `train`."""
+  """One training run: everything built from the config and the work directory, then `train`.
+
+  Every check runs before anything is written: a refused config leaves the work directory as it
+  found it (or absent)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     tc, dc = config.train, config.data
     self.chief = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    saved = workdir_lib.load_config(workdir)
-    if saved is not None:  # before anything is written: a mismatch leaves the directory as it was
-      workdir_lib.check_compatible(saved, config, workdir)
-    tokenizer, train_split, self.val_split = _prepare_data_chief_first(config, workdir)
-    self.model_cfg = workdir_lib.resolve_model_config(config.model, tokenizer.vocab_size)
-    check_context(self.model_cfg, dc.seq_len, 'data.seq_len')
-    self.config = config = ml_collections.ConfigDict(config.to_dict())
-    config.model.vocab_size = self.model_cfg.vocab_size
-    if self.chief:
-      workdir_lib.save_config(config, workdir)
-
+    self.workdir = workdir
+    self.lock = None
+    config_lib.check_run_config(config)
+    workdir_lib.check_model_section(config.model)
     self.mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch(tc.batch_size // tc.grad_accum_steps, self.mesh,
                          'train.batch_size' if tc.grad_accum_steps == 1 else
                          'the micro-batch train.batch_size / train.grad_accum_steps')
     mesh_lib.check_batch(tc.eval_batch_size, self.mesh, 'train.eval_batch_size')
+    saved = workdir_lib.load_config(workdir)
+    if saved is not None:
+      workdir_lib.check_compatible(saved, config, workdir)
+    init_run = (InitRun(tc.init_from, config)
+                if tc.init_from and not ckpt_lib.has_checkpoint(workdir) else None)
+    tokenizer, train_split, self.val_split, built = _checked_data(config, workdir, init_run)
+    self.model_cfg = workdir_lib.resolve_model_config(config.model, tokenizer.vocab_size)
+    check_context(self.model_cfg, dc.seq_len, 'data.seq_len')
     model = LM(self.model_cfg)
     optimizer = optim.make_optimizer(tc)
-    self.state, shardings = init_state(model, optimizer, self.mesh, tc.seed)
+    shardings = state_shardings(model, optimizer, self.mesh)  # a mesh that splits no dimension
+
+    # Checked: from here on the run writes.
+    self.config = config = ml_collections.ConfigDict(config.to_dict())
+    config.model.vocab_size = self.model_cfg.vocab_size
+    config.data.path = os.path.abspath(dc.path) if dc.path else ''
+    config.train.init_from = os.path.abspath(tc.init_from) if tc.init_from else ''
+    if self.chief:
+      os.makedirs(workdir, exist_ok=True)
+      self.lock = workdir_lib.Lock(workdir)
+      if built:
+        workdir_lib.save_data(workdir, tokenizer, train_split, self.val_split)
+      workdir_lib.save_config(config, workdir)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('data prepared')
+
+    self.state, _ = init_state(model, optimizer, self.mesh, tc.seed, shardings)
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
-    self.writer = MetricWriter(workdir, enabled=self.chief)
-    data_start = 0
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      try:
-        params, opt_state, data_state = self.checkpointer.restore(
-            latest, ckpt_lib.abstract_like(self.state.params, shardings.params),
-            ckpt_lib.abstract_like(self.state.opt_state, shardings.opt_state))
-      except ValueError as e:  # orbax: the saved tree has another structure
-        raise workdir_lib.RunError(
-            f'the checkpoint at step {latest} in {workdir} does not fit this config\'s optimizer '
-            f'(a train.* setting that shapes the optimizer state changed?): {e}') from e
-      self.state = step_lib.TrainState(jnp.asarray(latest, jnp.int32), params, opt_state)
+    restored = self.checkpointer.restore_latest(
+        ckpt_lib.abstract_like(self.state.params, shardings.params),
+        ckpt_lib.abstract_like(self.state.opt_state, shardings.opt_state))
+    data_start, self.started_from = 0, None
+    if restored is not None:
+      step, params, opt_state, data_state = restored
+      self.state = step_lib.TrainState(jnp.asarray(step, jnp.int32), params, opt_state)
       data_start = data_state['next_index']
-      self.writer.truncate_after(latest)
+    elif init_run is not None:
+      params = init_run.params(ckpt_lib.abstract_like(self.state.params, shardings.params))
+      self.state = self.state.replace(params=params)
+      self.started_from = f'the parameters of {init_run.directory} at step {init_run.step}'
+    self.writer = MetricWriter(workdir, start_step=int(self.state.step), enabled=self.chief)
     self.batch_block = mesh_lib.process_batch_block(self.mesh)  # this process's rows
     self.iterator = data_lib.BatchIterator(
         data_lib.train_dataset(train_split.tokens, dc.seq_len, tc.batch_size, tc.seed,
@@ -205,7 +256,6 @@ class Run:
     self.peak = tc.peak_flops or (perf.measure_peak_flops(self.model_cfg.dtype)
                                   * jax.device_count())
     self.progress = Progress(tc.num_steps, int(self.state.step), enabled=self.chief)
-    self.workdir = workdir
 
   def evaluate(self, max_batches: int) -> dict:
     sharding = mesh_lib.batch_sharding(self.mesh)
@@ -218,6 +268,12 @@ class Run:
     counts = count_params(self.model_cfg)
     tc, dc = self.config.train, self.config.data
     step = int(self.state.step)
+    if step:
+      start = f'resuming from step {step}'
+    elif self.started_from:
+      start = f'starting from {self.started_from}'
+    else:
+      start = 'starting'
     self.progress.write(
         f'model: {counts.total:,} parameters ({counts.non_embedding:,} non-embedding), '
         f'{self.flops_per_token / 1e6:.2f} MFLOPs per token, pattern {self.model_cfg.pattern}\n'
@@ -228,7 +284,7 @@ class Run:
         f'{bytes_per_device(self.state.opt_state) / 2**20:.2f} MiB optimizer state per device\n'
         f'batch: {tc.batch_size} x {dc.seq_len} tokens per step, '
         f'{tc.batch_size // mesh_lib.batch_shards(self.mesh)} sequences per device; '
-        f'{"resuming from step " + str(step) if step else "starting"} in {self.workdir}')
+        f'{start} in {self.workdir}')
 
   def train(self) -> dict:
     tc = self.config.train
@@ -237,29 +293,34 @@ class Run:
     step = int(self.state.step)
     window = Window()
     final = None
-    while step < tc.num_steps:
-      k = min(tc.steps_per_call, tc.num_steps - step)
-      for every in (tc.eval_every, tc.checkpoint_every):  # calls end on eval and save steps
-        if every > 0:
-          k = min(k, every - step % every)
-      call_start = time.time()
-      batches = put_batch(self.iterator.next(k), self.steps_sharding)
-      self.state, metrics = self.multi_step(self.state, batches)
-      losses = np.asarray(jax.device_get(metrics['loss']))
-      if not np.all(np.isfinite(losses)):
-        self._stop_on_non_finite(step, losses)
-      window.add_call(time.time() - call_start, k * tokens_per_step)
-      self._log(step, losses, metrics, window)
-      step += k
-      if step == tc.num_steps or (tc.eval_every > 0 and step % tc.eval_every == 0):
-        final = self.evaluate(-1 if step == tc.num_steps else tc.eval_batches)
-        self.writer.write(step, final)
-        self.progress.write(f'step {step}: val_loss {final["val_loss"]:.4f} '
-                            f'(bits/char {final["val_bits_per_char"]:.4f}, '
-                            f'{final["val_tokens"]:,} tokens)')
-      if step == tc.num_steps or (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0):
-        self.checkpointer.save(step, self.state.params, self.state.opt_state,
-                               self.iterator.state())
+    with StopRequest() as stop:
+      while step < tc.num_steps:
+        k = min(tc.steps_per_call, tc.num_steps - step)
+        for every in (tc.eval_every, tc.checkpoint_every):  # calls end on eval and save steps
+          if every > 0:
+            k = min(k, every - step % every)
+        call_start = time.time()
+        batches = put_batch(self.iterator.next(k), self.steps_sharding)
+        self.state, metrics = self.multi_step(self.state, batches)
+        losses, grad_norms = jax.device_get((metrics['loss'], metrics['grad_norm']))
+        self._stop_on_non_finite(step, losses, grad_norms)
+        window.add_call(time.time() - call_start, k * tokens_per_step)
+        self._log(step, losses, metrics, window)
+        step += k
+        if step == tc.num_steps or (tc.eval_every > 0 and step % tc.eval_every == 0):
+          final = self.evaluate(-1 if step == tc.num_steps else tc.eval_batches)
+          self.writer.write(step, final)
+          self.progress.write(f'step {step}: val_loss {final["val_loss"]:.4f} '
+                              f'(bits/char {final["val_bits_per_char"]:.4f}, '
+                              f'{final["val_tokens"]:,} tokens)')
+        interrupted = step < tc.num_steps and stop.requested()
+        if (step == tc.num_steps or interrupted
+            or (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0)):
+          self.checkpointer.save(step, self.state.params, self.state.opt_state,
+                                 self.iterator.state())
+        if interrupted:
+          self.checkpointer.wait()
+          raise Interrupted(step, stop.signum)
     if final is None:  # resumed a finished run: report its validation metrics again
       final = self.evaluate(-1)
     return dict(final, step=step, compile_s=window.compile_s)
@@ -288,21 +349,25 @@ class Run:
                            mfu=f'{100 * row.get("mfu", 0):.1f}%')
       window.reset()
 
-  def _stop_on_non_finite(self, step: int, losses: np.ndarray):
-    bad = step + 1 + int(np.argmin(np.isfinite(losses)))
-    self.checkpointer.wait()
-    last = self.checkpointer.latest_step()
-    raise NonFiniteLossError(
-        f'the training loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopping. '
-        + (f'The last good checkpoint, step {last}, is intact in {self.checkpointer.directory}. '
-           if last is not None else 'No checkpoint was written. ')
-        + 'Lower train.lr, raise train.warmup_steps or set train.grad_clip.')
+  def _stop_on_non_finite(self, step: int, losses: np.ndarray, grad_norms: np.ndarray) -> None:
+    """Raises NonFiniteError at the first step of the call whose loss or gradient is not finite;
+    the state after it is not saved."""
+    for i, (loss, grad_norm) in enumerate(zip(losses, grad_norms)):
+      if not np.isfinite(loss) or not np.isfinite(grad_norm):
+        what = (f'training loss became {loss}' if not np.isfinite(loss)
+                else f'gradient norm became {grad_norm}')
+        raise NonFiniteError(f'the {what} at step {step + i + 1}; stopping. '
+                             f'{self.checkpointer.intact_note()} Lower train.lr, raise '
+                             f'train.warmup_steps or set train.grad_clip.')
 
   def close(self) -> None:
-    self.checkpointer.wait()
-    self.checkpointer.close()
-    self.writer.close()
-    self.progress.close()
+    for closing in ('checkpointer', 'writer', 'progress'):
+      if hasattr(self, closing):
+        if closing == 'checkpointer':
+          self.checkpointer.wait()
+        getattr(self, closing).close()
+    if self.lock is not None:
+      self.lock.release()
 
 
 class Window:

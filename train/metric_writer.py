@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -13,24 +14,42 @@ import numpy as np
 
 
 class MetricWriter:
-  """Appends to metrics.jsonl; on resume, `truncate_after(step)` first drops entries past the
-  restored checkpoint so the file reads as one uninterrupted run."""
+  """Appends to metrics.jsonl and to TensorBoard event files. A run that starts at `start_step`
+  (its restored checkpoint; 0 for a fresh start) first drops every row past it, from both, so
+  that they read as one uninterrupted run: TensorBoard's events are rewritten from the rows kept
+  (event files cannot be truncated, and TensorBoard would draw the dropped points twice)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-
-  def truncate_after(self, step: int) -> None:
-    if not (self.enabled and os.path.exists(self.path)):
+    if not enabled:
       return
+    from tensorboardX import SummaryWriter
+    kept = self._truncate_after(start_step)
+    tb_dir = os.path.join(workdir, 'tensorboard')
+    if os.path.isdir(tb_dir):
+      shutil.rmtree(tb_dir)
+    self._tb = SummaryWriter(tb_dir)
+    for row in kept:
+      self._add_scalars(row)
+    self._tb.flush()
+
+  def _truncate_after(self, step: int) -> list[dict]:
+    """Keeps the rows of metrics.jsonl up to `step`; returns them."""
+    if not os.path.exists(self.path):
+      return []
     with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+      rows = [json.loads(line) for line in f if line.strip()]
+    kept = [row for row in rows if row['step'] <= step]
     with open(self.path, 'w') as f:
-      f.writelines(kept)
+      f.writelines(json.dumps(row) + '\n' for row in kept)
+    return kept
+
+  def _add_scalars(self, row: dict) -> None:
+    for key, value in row.items():
+      if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
+        self._tb.add_scalar(key, value, row['step'])
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -39,9 +58,7 @@ class MetricWriter:
     row.update({k: _plain(v) for k, v in metrics.items()})
     with open(self.path, 'a') as f:
       f.write(json.dumps(row) + '\n')
-    for key, value in row.items():
-      if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
-        self._tb.add_scalar(key, value, step)
+    self._add_scalars(row)
     self._tb.flush()
 
   def close(self) -> None:

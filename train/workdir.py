@@ -1,13 +1,18 @@
-"""A run's work directory: its resolved config (config.json), tokenizer and token caches.
+"""A run's work directory: its resolved config (config.json), tokenizer, token caches and lock.
 
-A run restarted in the same directory must build the same model: `check_compatible` refuses a
-config whose model shape or tokenizer differs from the saved one, before anything is written.
+A run restarted in the same directory must build the same model on the same data:
+`check_compatible` refuses a config whose model shape, tokenizer or data stream differs from the
+saved one, before anything is written. Starting from another run's parameters with other data is
+a separate, explicit choice (`train.init_from`, in a new directory). One process at a time trains
+in a directory: `Lock` refuses a second one, and a killed process leaves no stale lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 
 import ml_collections
 
@@ -16,6 +21,7 @@ from train import data as data_lib
 from train import tokenizers
 
 CONFIG_FILE = 'config.json'
+LOCK_FILE = 'lock'
 
 # Model fields a resumed run may change: they do not change the parameter tree.
 RESUMABLE_MODEL_FIELDS = {'dropout', 'attention_impl', 'attention_window', 'remat', 'dtype',
@@ -24,6 +30,12 @@ RESUMABLE_MODEL_FIELDS = {'dropout', 'attention_impl', 'attention_window', 'rema
                           'moe.z_loss_weight',
                           'mamba.scan_impl', 'mamba.scan_chunk', 'mamba.dt_min', 'mamba.dt_max',
                           'mamba.dt_init_floor'}
+# Fields that change which tokens the training iterator yields at a given step (or the tokenizer
+# that makes them): a resumed run would train on other data than its checkpoint's data position
+# refers to.
+DATA_STREAM_FIELDS = ('data.path', 'data.tfds_name', 'data.text_key', 'data.train_split',
+                      'data.val_split', 'data.val_fraction', 'data.tokenizer', 'data.vocab_size',
+                      'data.seq_len', 'train.batch_size', 'train.seed')
 
 
 class RunError(ValueError):
@@ -43,32 +55,54 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=1, sort_keys=True))
 
 
-def _flat(d: dict, prefix: str = '') -> dict:
+def flatten(d: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}; tuples become lists, as JSON reads them back."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
+      out.update(flatten(v, f'{prefix}{k}.'))
     else:
       out[prefix + k] = list(v) if isinstance(v, tuple) else v
   return out
 
 
+def differences(old: dict, new: dict, keys=None) -> list[str]:
+  """'key: old -> new' for every flattened key (of `keys`, when given) whose value differs."""
+  old, new = flatten(old), flatten(new)
+  keys = sorted(set(old) | set(new)) if keys is None else keys
+  return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in keys if old.get(k) != new.get(k)]
+
+
+def model_differences(saved_model: dict, model: dict) -> list[str]:
+  """The model fields that would change the parameter tree; vocab_size 0 (the tokenizer's) in
+  `model` matches any saved size."""
+  keys = sorted(k for k in set(flatten(saved_model)) | set(flatten(model))
+                if k not in RESUMABLE_MODEL_FIELDS and k != 'vocab_size')
+  diffs = [f'model.{d}' for d in differences(saved_model, model, keys)]
+  if model.get('vocab_size') and model['vocab_size'] != saved_model.get('vocab_size'):
+    diffs.append(f'model.vocab_size: {saved_model.get("vocab_size")} -> {model["vocab_size"]}')
+  return diffs
+
+
+def _stream(config) -> dict:
+  """The data-stream fields, with the corpus path made absolute (the saved config holds it so)."""
+  flat = {k: v for k, v in flatten(config.to_dict()).items() if k in DATA_STREAM_FIELDS}
+  if flat.get('data.path'):
+    flat['data.path'] = os.path.abspath(flat['data.path'])
+  return flat
+
+
 def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                      workdir: str) -> None:
-  """Raises RunError naming every field that would change the model or its tokenizer."""
-  old, new = _flat(saved.model.to_dict()), _flat(config.model.to_dict())
-  diffs = [f'model.{k}: {old.get(k)!r} -> {new.get(k)!r}'
-           for k in sorted(set(old) | set(new))
-           if k not in RESUMABLE_MODEL_FIELDS and k != 'vocab_size' and old.get(k) != new.get(k)]
-  if config.model.vocab_size and config.model.vocab_size != saved.model.vocab_size:
-    diffs.append(f'model.vocab_size: {saved.model.vocab_size} -> {config.model.vocab_size}')
-  for k in ('tokenizer', 'vocab_size'):
-    if saved.data[k] != config.data[k]:
-      diffs.append(f'data.{k}: {saved.data[k]!r} -> {config.data[k]!r}')
+  """Raises RunError naming every field that would change the model, its tokenizer or the data
+  the resumed run trains on."""
+  diffs = (model_differences(saved.model.to_dict(), config.model.to_dict())
+           + differences(_stream(saved), _stream(config), DATA_STREAM_FIELDS))
   if diffs:
-    raise RunError(f'{workdir} holds a run of a different model or tokenizer, so its checkpoints '
-                   f'cannot be resumed with this config: ' + '; '.join(diffs)
-                   + '. Use a new --workdir, or the config the run was started with.')
+    raise RunError(f'{workdir} holds a run of another model or data, so resuming it with this '
+                   f'config would not continue that run: ' + '; '.join(diffs)
+                   + '. Use the config the run was started with; or a new --workdir, with '
+                   f'--init_from={workdir} to start from its parameters.')
 
 
 def resolve_model_config(model_section, vocab_size: int) -> ModelConfig:
@@ -81,27 +115,50 @@ def resolve_model_config(model_section, vocab_size: int) -> ModelConfig:
   return ModelConfig.from_dict(section)
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str, write: bool = True):
-  """(tokenizer, train Split, validation Split): loaded from the work directory when a previous
-  start saved them, else built from the corpus (and saved when `write`)."""
+def check_model_section(model_section) -> None:
+  """Every model field, before the tokenizer (and so the vocabulary) is known."""
+  section = dict(model_section.to_dict())
+  ModelConfig.from_dict(dict(section, vocab_size=section['vocab_size'] or 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and token caches: DIR/tokenizer/ and DIR/data/{train,validation}.{npy,json}.
+
+
+def load_data(workdir: str):
+  """(tokenizer, train Split, validation Split) a previous start saved in `workdir`, or None."""
   tok_dir = os.path.join(workdir, 'tokenizer')
-  cache = os.path.join(workdir, 'data')
-  train_split = data_lib.load_split(os.path.join(cache, 'train'))
-  val_split = data_lib.load_split(os.path.join(cache, 'validation'))
-  tokenizer = tokenizers.load(tok_dir) if os.path.exists(tok_dir) else None
-  if tokenizer is not None and train_split is not None and val_split is not None:
-    return tokenizer, train_split, val_split
+  splits = [data_lib.load_split(os.path.join(workdir, 'data', s)) for s in ('train', 'validation')]
+  if not os.path.exists(tok_dir) or None in splits:
+    return None
+  return (tokenizers.load(tok_dir), *splits)
+
+
+def build_data(config: ml_collections.ConfigDict, tokenizer=None):
+  """(tokenizer, train Split, validation Split) from the corpus, in memory; the tokenizer is
+  trained on the training split unless one is given (`train.init_from`'s)."""
   docs = data_lib.load_documents(config.data)
   if tokenizer is None:
     tokenizer = tokenizers.train(config.data.tokenizer, docs['train'], config.data.vocab_size)
-  train_split = data_lib.tokenize(tokenizer, docs['train'])
-  val_split = data_lib.tokenize(tokenizer, _representable(tokenizer, docs['validation']))
-  if write:
-    tokenizer.save(tok_dir)
-    os.makedirs(cache, exist_ok=True)
-    data_lib.save_split(train_split, os.path.join(cache, 'train'))
-    data_lib.save_split(val_split, os.path.join(cache, 'validation'))
-  return tokenizer, train_split, val_split
+  return (tokenizer, data_lib.tokenize(tokenizer, docs['train']),
+          data_lib.tokenize(tokenizer, _representable(tokenizer, docs['validation'])))
+
+
+def save_data(workdir: str, tokenizer, train_split, val_split) -> None:
+  tokenizer.save(os.path.join(workdir, 'tokenizer'))
+  os.makedirs(os.path.join(workdir, 'data'), exist_ok=True)
+  data_lib.save_split(train_split, os.path.join(workdir, 'data', 'train'))
+  data_lib.save_split(val_split, os.path.join(workdir, 'data', 'validation'))
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str, write: bool = True):
+  """`load_data`, else `build_data` (saved when `write`)."""
+  prepared = load_data(workdir)
+  if prepared is None:
+    prepared = build_data(config)
+    if write:
+      save_data(workdir, *prepared)
+  return prepared
 
 
 def _representable(tokenizer, docs: list[str]) -> list[str]:
@@ -116,3 +173,34 @@ def _representable(tokenizer, docs: list[str]) -> list[str]:
           f'lacks: {sorted(unknown)[:10]}')
     docs = [''.join(c for c in d if c in known) for d in docs]
   return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# One training process per work directory.
+
+
+class Lock:
+  """An exclusive `flock` on DIR/lock, held while a run trains there. The kernel releases it when
+  the process ends, however it ends (kill -9 included), so it never goes stale."""
+
+  def __init__(self, workdir: str):
+    path = os.path.join(workdir, LOCK_FILE)
+    self._file = open(path, 'a+')
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or 'another process'
+      self._file.close()
+      raise RunError(f'{holder} is training in {workdir} now; two runs in one directory would '
+                     f'overwrite each other\'s checkpoints. Wait for it to finish (or stop it), '
+                     f'or use another --workdir.') from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f'process {os.getpid()} on {socket.gethostname()}')
+    self._file.flush()
+
+  def release(self) -> None:
+    if not self._file.closed:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()

@@ -84,6 +84,7 @@ def get_config() -> ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
       peak_flops=0.0,           # device peak for MFU; 0 measures a matmul at start-up
+      init_from='',             # a run directory to start from: its parameters and tokenizer
   ))
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))  # -1: the remaining devices
