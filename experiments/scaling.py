@@ -167,10 +167,10 @@ def append_run(workdir: str, row: dict) -> None:
 
 def check_finished(row: dict, config, workdir: str) -> None:
   """A finished row must come from the same training config: refuses to mix results."""
-  from train.workdir import RunError, _flat
-  old, new = _flat(row['config']), _flat(config.to_dict())
-  diffs = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
-           if k not in REPORTING_FIELDS and old.get(k) != new.get(k)]
+  from train.workdir import RunError, differences, flatten
+  keys = sorted(k for k in set(flatten(row['config'])) | set(flatten(config.to_dict()))
+                if k not in REPORTING_FIELDS)
+  diffs = differences(row['config'], config.to_dict(), keys)
   if diffs:
     raise RunError(f'{workdir} already holds run {row["name"]} with another config: '
                    + '; '.join(diffs) + '. Use a new --workdir for a new sweep.')
