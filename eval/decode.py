@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from model import LM
+from model.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,11 +27,11 @@ class Sampling:
 
   def __post_init__(self):
     if self.temperature < 0:
-      raise ValueError(f'temperature must be >= 0, got {self.temperature}')
+      raise ConfigError(f'temperature must be >= 0 (0 is greedy), got {self.temperature}')
     if self.top_k < 0:
-      raise ValueError(f'top_k must be >= 0, got {self.top_k}')
+      raise ConfigError(f'top_k must be >= 0 (0 keeps every token), got {self.top_k}')
     if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
+      raise ConfigError(f'top_p must be in (0, 1] (1 keeps every token), got {self.top_p}')
 
 
 def sample_logits(logits_BxV, rng, sampling: Sampling):

@@ -24,9 +24,11 @@ class TrainedRun:
   mesh: object
 
 
-def load_run(workdir: str, step: int | None = None) -> TrainedRun:
-  """The run's config, tokenizer and parameters at `step` (default: the latest checkpoint)."""
-  config = workdir_lib.load_config(workdir)
+def load_run(workdir: str, step: int | None = None,
+             config: ml_collections.ConfigDict | None = None) -> TrainedRun:
+  """The run's config (`config` when given: the saved one with a command's overrides),
+  tokenizer and parameters at `step` (default: the latest checkpoint)."""
+  config = config if config else workdir_lib.load_config(workdir)
   if config is None:
     raise workdir_lib.RunError(f'{workdir} holds no run (no {workdir_lib.CONFIG_FILE}); train one '
                                f'with python -m train --workdir={workdir}')

@@ -1,9 +1,12 @@
 """python -m eval.sample --workdir=DIR --prompt="ROMEO:" [--temperature --top_k --top_p
---max_new_tokens --num_samples --seed --stop --step]
+--max_new_tokens --num_samples --seed --stop --step] [--config.x.y=...]
 
 Prints the prompt and its continuation, generated with the KV cache (per-layer decoding state).
-Temperature 0 is greedy and deterministic.
+Temperature 0 is greedy and deterministic. --config is the run's own config, whose values
+`--config.x.y=...` overrides.
 """
+
+import sys
 
 
 from absl import flags
@@ -39,7 +42,7 @@ def main(argv):
   quiet_libraries()
   f = flags.FLAGS
   sampling = Sampling(f.temperature, f.top_k, f.top_p)
-  run = load_run(f.workdir, f.step)
+  run = load_run(f.workdir, f.step, f.config)
   if not f.prompt:
     raise TokenizerError('the prompt is empty; give at least one character to continue')
   prompt = run.tokenizer.encode(f.prompt)
@@ -73,4 +76,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main, errors=(ValueError,))  # bad --temperature, --top_k, --top_p
+  cli.define_run_config(sys.argv)
+  cli.run(main)

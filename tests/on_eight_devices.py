@@ -57,7 +57,7 @@ def one_step(cfg: ModelConfig, mesh, batch):
                                         seed=0)
   multi_step = loop.sharded_multi_step(train_step, mesh, shardings)
   steps = mesh_lib.batch_sharding(mesh, leading_axes=1)
-  return multi_step(state, loop.put_batch(batch, steps))
+  return multi_step(state, mesh_lib.put_batch(batch, steps))
 
 
 def flat(tree, prefix: str) -> dict:

@@ -6,7 +6,7 @@ import time
 import pytest
 from ml_collections import ConfigDict
 
-from experiments import benchmark
+import experiments.benchmark.__main__ as benchmark
 from experiments.configs import base
 from experiments.configs import benchmark as benchmark_config
 from model import ModelConfig, count_params

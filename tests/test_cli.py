@@ -76,3 +76,43 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path):
     assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert not os.path.exists(f'{tmp_path}/y')  # refused before anything was written
+
+
+COMMANDS = ['train', 'eval', 'eval.sample', 'experiments.grokking', 'experiments.grokking.bench',
+            'experiments.scaling', 'experiments.benchmark', 'experiments.benchmark.moe',
+            'experiments.benchmark.ssm']
+
+
+def run_all(argvs):
+  """Runs the commands side by side; their CompletedProcess-like (returncode, stdout, stderr)."""
+  processes = [subprocess.Popen([sys.executable, '-m', *argv], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv in argvs]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  return [(p.returncode, *output) for p, output in zip(processes, outputs)]
+
+
+def test_every_command_has_help_and_refuses_a_wrong_flag(tmp_path):
+  helps = run_all([(command, '--help') for command in COMMANDS])
+  for command, (code, out, err) in zip(COMMANDS, helps):
+    assert code == 0, (command, err)
+    assert '--workdir' in out + err and '--config' in out + err, command
+  wrong = run_all([(command, f'--workdir={tmp_path}/{command}', '--no_such_flag=1')
+                   for command in COMMANDS])
+  for command, (code, out, err) in zip(COMMANDS, wrong):
+    assert code == 2 and err.strip().splitlines() == [
+        "error: Unknown command line flag 'no_such_flag'"], (command, err)
+  # Positional arguments go through the one check every command shares (train.cli.run).
+  two = ['train', 'experiments.scaling']
+  extra = run_all([(command, f'--workdir={tmp_path}/{command}', 'stray') for command in two])
+  for command, (code, out, err) in zip(two, extra):
+    assert code == 2 and err.strip() == (
+        "error: unexpected arguments ['stray']; every value is given as --flag=value"), (
+        command, err)
+  assert not any(os.path.exists(f'{tmp_path}/{command}') for command in COMMANDS)
+
+
+def test_train_without_a_config_names_the_configs(tmp_path):
+  result = run('train', f'--workdir={tmp_path}/run', check=False)
+  assert result.returncode == 2
+  assert 'error: --config is required' in result.stderr and 'shakespeare_char.py' in (
+      result.stderr)

@@ -13,7 +13,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import arithmetic, fourier, grokking
+import experiments.grokking.__main__ as grokking
+from experiments.grokking import arithmetic, fourier
 from experiments.configs import grokking as grokking_config
 from model import LM
 from model.config import ConfigError

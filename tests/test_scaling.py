@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import scaling, scaling_fits
+import experiments.scaling.__main__ as scaling
+from experiments.scaling import fits as scaling_fits
 from experiments.configs import scaling_cpu
 from model import ModelConfig, count_params, training_flops_per_token
 from train import loop

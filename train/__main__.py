@@ -7,7 +7,7 @@ and every process trains its share of each batch on the mesh of all hosts' devic
 """
 
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from train import cli
@@ -26,13 +26,13 @@ flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host GPU/CPU).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host GPU/CPU).')
 flags.DEFINE_integer('process_id', None, 'This process\'s index, 0 .. num_processes - 1.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   f = flags.FLAGS
+  cli.require_config(f.config)
   # Imports after flag parsing (importing jax is slow, --help should not wait); jax.distributed
   # starts before anything creates a JAX backend.
   from train import loop

@@ -5,9 +5,13 @@ wrong input (train.errors.USER_ERRORS) ends as one 'error: ...' line and exit st
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import sys
 
+import ml_collections
 from absl import app, flags
+from ml_collections import config_flags
 
 
 def _unknown_config_key(argv: list[str]) -> str | None:
@@ -33,9 +37,31 @@ def _unknown_config_key(argv: list[str]) -> str | None:
   return None
 
 
+def define_run_config(argv: list[str]) -> None:
+  """--config for a command that reads a trained run (evaluation, sampling): the run's own
+  resolved config, DIR/config.json of the --workdir in `argv`, which `--config.x.y=...` can
+  override (e.g. --config.train.eval_batch_size=128). Empty when there is no run there: the
+  command then says so."""
+  workdir = next((a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')), None)
+  if workdir is None and '--workdir' in argv[:-1]:
+    workdir = argv[argv.index('--workdir') + 1]
+  path = os.path.join(workdir or '', 'config.json')
+  saved = {}
+  if workdir and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+  config_flags.DEFINE_config_dict('config', ml_collections.ConfigDict(saved),
+                                  'The run\'s config (DIR/config.json); override its values with '
+                                  '--config.x.y=...', lock_config=True)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl exits with 1 after printing the help asked for
+    if e.code == 1 and any(a in ('--help', '-h', '--helpshort', '--helpfull') for a in argv):
+      sys.exit(0)
+    raise
   except (AttributeError, KeyError, flags.Error) as e:
     try:
       message = _unknown_config_key(argv)
@@ -43,6 +69,29 @@ def parse_flags(argv: list[str]) -> list[str]:
       message = None
     print(f'error: {message or e}', file=sys.stderr)
     sys.exit(2)
+
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments',
+                       'configs')
+
+
+def with_default_config(argv: list[str], path: str) -> list[str]:
+  """argv with --config=path when it has no --config, for commands with a natural default
+  config. The default goes in as a flag, not as the flag's default: config_flags would apply a
+  default's --config.* overrides as the flag is defined, outside `run`'s clear error for
+  unknown keys."""
+  if any(a == '--config' or a.startswith('--config=') for a in argv):
+    return argv
+  return [argv[0], f'--config={path}', *argv[1:]]
+
+
+def require_config(config) -> None:
+  """A command whose --config has no natural default names the configs to choose from."""
+  if config is None:
+    from model.config import ConfigError
+    names = sorted(f for f in os.listdir(CONFIGS) if f.endswith('.py') and f != '__init__.py')
+    raise ConfigError(f'--config is required: a config file, e.g. one of experiments/configs/ '
+                      f'({", ".join(names)})')
 
 
 def run(main, errors: tuple[type[Exception], ...] = ()) -> None:
@@ -53,6 +102,10 @@ def run(main, errors: tuple[type[Exception], ...] = ()) -> None:
     # After flag parsing: --help need not import JAX.
     from train.errors import USER_ERRORS
     from train.preemption import Interrupted
+    if len(argv) > 1:
+      print(f'error: unexpected arguments {argv[1:]}; every value is given as --flag=value',
+            file=sys.stderr)
+      sys.exit(2)
     try:
       return main(argv)
     except (*USER_ERRORS, *errors) as e:

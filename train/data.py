@@ -13,14 +13,17 @@ Documents are tokenized once into one stream per split (the tokenizer's end-of-t
 documents, when it has one), cached as .npy files. A stream is cut into sequences of seq_len + 1
 tokens overlapping by one, so every token is a target exactly once. Training batches come from a
 grain `MapDataset` (shuffled afresh each epoch, repeated): batch i is a pure function of (seed, i),
-so the iterator's state is one index, saved with every checkpoint.
+so the iterator's state is one index, saved with every checkpoint. Each process reads only its
+own rows, and a grain thread prepares the next batches while the device computes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -31,6 +34,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from train.progress import bar, phase
 from train.tokenizers import Tokenizer
 
 
@@ -134,9 +138,13 @@ def load_documents(data_cfg) -> dict[str, list[str]]:
   data_dir = data_cfg.tfds_data_dir or None
   if data_cfg.path and (os.path.exists(data_cfg.path) or not data_cfg.tfds_fallback):
     builder = text_corpus_builder(data_cfg.path, data_cfg.val_fraction, data_dir)
-    builder.download_and_prepare()
+    if not builder.is_prepared():
+      # TFDS would print "Downloading and preparing dataset": nothing is downloaded.
+      with phase(f'writing {data_cfg.path} as TFDS array_record files in {builder.data_dir} '
+                 f'(once per corpus)'), contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare()
     sources = builder.as_data_source()
-    docs = {split: _documents_by_id(sources[split]) for split in ('train', 'validation')}
+    docs = {split: _documents_by_id(sources[split], split) for split in ('train', 'validation')}
   else:
     name = data_cfg.tfds_name or data_cfg.tfds_fallback
     if not name:
@@ -151,11 +159,11 @@ def load_documents(data_cfg) -> dict[str, list[str]]:
   return docs
 
 
-def _documents_by_id(source) -> list[str]:
+def _documents_by_id(source, split: str) -> list[str]:
   docs: list[list[str]] = []
   last = None
-  for i in range(len(source)):
-    record = source[i]
+  for record in bar(map(source.__getitem__, range(len(source))), len(source),
+                    f'reading the {split} split', unit='record'):
     if record['document'] != last:
       docs.append([])
       last = record['document']
@@ -178,8 +186,8 @@ def _catalog_documents(name: str, split: str, data_cfg, data_dir: str | None) ->
     raise DataError(f'could not read TFDS dataset {name!r} split {split!r}: {e}') from e
   key = data_cfg.text_key
   docs = []
-  for i in range(len(source)):
-    record = source[i]
+  for record in bar(map(source.__getitem__, range(len(source))), len(source),
+                    f'reading {name} {split}', unit='record'):
     if key not in record:
       raise DataError(f'TFDS dataset {name!r} has no feature {key!r}; its features are '
                       f'{sorted(record)}; set --config.data.text_key')
@@ -207,9 +215,10 @@ class Split:
   num_chars: int         # characters of its text: the denominator of bits per character
 
 
-def tokenize(tokenizer: Tokenizer, docs: list[str]) -> Split:
+def tokenize(tokenizer: Tokenizer, docs: list[str], split: str = '') -> Split:
   parts = []
-  for doc in docs:
+  for doc in bar(docs, len(docs), f'tokenizing the {split} split'.replace('  ', ' '),
+                 unit='document'):
     parts.append(tokenizer.encode(doc))
     if tokenizer.eos_id is not None:
       parts.append(np.asarray([tokenizer.eos_id], dtype=np.int32))
@@ -259,33 +268,44 @@ def _to_batch(windows_BxL1: np.ndarray) -> dict[str, np.ndarray]:
 def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """Infinite batches {'inputs', 'targets'} of (batch_size / process_count, seq_len): this
-  process's rows of the global batch, so the data order does not depend on the host count."""
+  process's rows of each global batch, and only those are read. The shuffled stream of windows
+  (reshuffled every epoch) is cut into blocks of batch_size / process_count rows; global batch i
+  is blocks i * P .. i * P + P - 1 and process p reads block i * P + p, so the data order does not
+  depend on the number of processes."""
   if batch_size % process_count:
     raise DataError(f'train.batch_size={batch_size} is not divisible by the {process_count} '
                     f'processes; each loads an equal share')
-  rows = batch_size // process_count
-  lo = process_index * rows
   windows = grain.MapDataset.source(PackedSequences(tokens, seq_len))
-  batches = windows.shuffle(seed=seed).repeat().batch(batch_size, batch_fn=np.stack)
-  return batches.map(lambda w: _to_batch(w[lo:lo + rows]))
+  blocks = windows.shuffle(seed=seed).repeat().batch(batch_size // process_count,
+                                                     batch_fn=np.stack)
+  return blocks[process_index::process_count].map(_to_batch)
 
 
 class BatchIterator:
-  """Yields training batches, `steps` of them stacked at a time; its state is the next batch
-  index, which goes into every checkpoint."""
+  """Yields training batches, `steps` of them stacked at a time. A grain thread prepares the next
+  ones while the device computes. Its state, the index of the next batch it hands out, goes into
+  every checkpoint; a resumed iterator starts there."""
 
-  def __init__(self, dataset: grain.MapDataset, start: int = 0):
-    self.dataset = dataset
+  def __init__(self, dataset: grain.MapDataset, start: int = 0, prefetch: int = 64):
     self.next_index = start
+    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
+    self._batches = iter(dataset[start:].to_iter_dataset(options))
 
   def next(self, steps: int) -> dict[str, np.ndarray]:
     """The next `steps` batches stacked on a leading axis: (steps, B, L) each."""
-    batches = [self.dataset[self.next_index + k] for k in range(steps)]
+    batches = [next(self._batches) for _ in range(steps)]
     self.next_index += steps
     return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
 
   def state(self) -> dict:
     return {'next_index': self.next_index}
+
+
+def num_eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
+                     max_batches: int = -1) -> int:
+  """How many batches `eval_batches` yields."""
+  num = -(-len(PackedSequences(tokens, seq_len)) // batch_size)
+  return num if max_batches < 0 else min(num, max_batches)
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int = -1,
@@ -299,10 +319,7 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches:
                     f'{process_count} processes; each loads an equal share')
   rows = batch_size // process_count
   seqs = PackedSequences(tokens, seq_len)
-  num_batches = -(-len(seqs) // batch_size)
-  if max_batches >= 0:
-    num_batches = min(num_batches, max_batches)
-  for b in range(num_batches):
+  for b in range(num_eval_batches(tokens, seq_len, batch_size, max_batches)):
     start = b * batch_size + process_index * rows
     idx = np.arange(start, start + rows)
     valid = idx < len(seqs)

@@ -11,9 +11,18 @@ USER_ERRORS = (CheckpointError, ConfigError, DataError, MeshError, NonFiniteErro
                TokenizerError)
 
 
+# Library log lines that mislead here: TFDS calls every local corpus and generated task a "custom
+# data configuration" (they are ours: that is how they are named), and warns that a dataset it is
+# about to prepare has no dataset_info.json yet.
+_MISLEADING = ('Using custom data configuration', 'Variant folder')
+
+
 def quiet_libraries() -> None:
-  """Keeps orbax's per-save INFO lines and TFDS's progress bars out of the run's output."""
+  """Keeps orbax's per-save INFO lines, TFDS's progress bars and its misleading warnings out of
+  the output; our own lines (train.progress) say what is happening instead."""
   import tensorflow_datasets as tfds
   from absl import logging
   logging.set_verbosity(logging.WARNING)
+  logging.get_absl_logger().addFilter(
+      lambda record: not str(record.msg).startswith(_MISLEADING))
   tfds.disable_progress_bar()

@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import Iterator
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,8 +30,9 @@ from train import mesh as mesh_lib
 from train import optim, perf, step as step_lib, tokenizers, workdir as workdir_lib
 from train.checkpoint import NonFiniteError
 from train.evaluate import evaluate
-from train.metric_writer import MetricWriter, Progress
+from train.metric_writer import MetricWriter
 from train.preemption import Interrupted, StopRequest
+from train.progress import Progress, phase
 
 
 def _init_fn(model: LM, optimizer, seed: int):
@@ -54,7 +57,10 @@ def init_state(model: LM, optimizer, mesh, seed: int, shardings=None):
   (state, shardings)."""
   shardings = shardings or state_shardings(model, optimizer, mesh)
   init = _init_fn(model, optimizer, seed)
-  return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)(), shardings
+  # Compiled without XLA's backend optimisations: it runs once, and optimising the random
+  # initialisers of a large tree takes seconds.
+  init = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings).lower()
+  return init.compile({'xla_backend_optimization_level': 0})(), shardings
 
 
 def sharded_multi_step(train_step, mesh, shardings):
@@ -66,17 +72,19 @@ def sharded_multi_step(train_step, mesh, shardings):
                       out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
 
 
+def sharded_eval_step(model: LM, mesh, param_shardings):
+  """`make_eval_step(model)` as one jit over the mesh (the rules active), batches split over the
+  batch axes, the sums replicated."""
+  return mesh_lib.jit(step_lib.make_eval_step(model), mesh,
+                      in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh)),
+                      out_shardings=mesh_lib.replicated(mesh))
+
+
 def abstract_params(model: LM, mesh):
   """ShapeDtypeStructs of the parameters with their shardings: the target of a restore."""
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
   boxed = boxed['params']
   return ckpt_lib.abstract_like(nn.unbox(boxed), mesh_lib.logical_shardings(boxed, mesh))
-
-
-def put_batch(batch: dict, sharding) -> dict:
-  """This process's rows of a global batch -> global arrays laid out by `sharding`."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
 
 
 def bytes_per_device(tree) -> int:
@@ -92,13 +100,12 @@ def flatten_layer_metrics(tree, prefix: str = 'layers') -> dict:
   """The model's per-layer metrics collection (the last step's values) as scalar keys
   'layers/layer_<i>/<module path>/<name>[/<element>]', e.g. 'layers/layer_1/ffn/expert_share/3':
   a scanned run's stacked values get one key per layer, a vector one key per element; the
-  'blocks' scope and the tuples of flax's `sow` are left out of the names."""
+  'blocks' scope is left out of the names."""
   flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+  for names, sown in traverse_util.flatten_dict(tree).items():
     if names[0] == 'blocks':
       names = names[1:]
-    value = np.asarray(leaf)[-1]
+    value = np.asarray(sown[0])[-1]  # `sow` keeps a tuple of values; the steps are stacked
     indices = blocks.run_layers(names[0])
     layers = ([(blocks.run_name(i, 1), value[i - indices.start]) for i in indices]
               if indices is not None and len(indices) > 1 else [(names[0], value)])
@@ -107,13 +114,6 @@ def flatten_layer_metrics(tree, prefix: str = 'layers') -> dict:
       for index in np.ndindex(v.shape):
         flat['/'.join([key, *map(str, index)])] = float(v[index])
   return flat
-
-
-def _crossed(before: int, after: int, every: int) -> list[int]:
-  """Multiples of `every` in (before, after]."""
-  if every <= 0:
-    return []
-  return list(range((before // every + 1) * every, after + 1, every))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -239,30 +239,33 @@ class Run:
       self.state = self.state.replace(params=params)
       self.started_from = f'the parameters of {init_run.directory} at step {init_run.step}'
     self.writer = MetricWriter(workdir, start_step=int(self.state.step), enabled=self.chief)
-    self.batch_block = mesh_lib.process_batch_block(self.mesh)  # this process's rows
     self.iterator = data_lib.BatchIterator(
         data_lib.train_dataset(train_split.tokens, dc.seq_len, tc.batch_size, tc.seed,
-                               *self.batch_block), start=data_start)
+                               *mesh_lib.process_batch_block(self.mesh)), start=data_start)
 
     train_step = step_lib.make_train_step(model, optimizer, optim.learning_rate_schedule(tc),
                                           tc.seed, tc.grad_accum_steps)
     self.steps_sharding = mesh_lib.batch_sharding(self.mesh, leading_axes=1)
     self.multi_step = sharded_multi_step(train_step, self.mesh, shardings)
-    self.eval_step = mesh_lib.jit(step_lib.make_eval_step(model), self.mesh,
-                                  in_shardings=(shardings.params,
-                                                mesh_lib.batch_sharding(self.mesh)),
-                                  out_shardings=mesh_lib.replicated(self.mesh))
+    self.compiled = {}  # steps per call -> the compiled multi-step
+    self.compile_s = 0.0
+    self.eval_step = sharded_eval_step(model, self.mesh, shardings.params)
+    self.eval_compiled = None
     self.flops_per_token = training_flops_per_token(self.model_cfg, dc.seq_len)
-    self.peak = tc.peak_flops or (perf.measure_peak_flops(self.model_cfg.dtype)
-                                  * jax.device_count())
+    self.peak = perf.peak_flops_per_s(self.model_cfg.dtype, tc.peak_flops)
     self.progress = Progress(tc.num_steps, int(self.state.step), enabled=self.chief)
 
   def evaluate(self, max_batches: int) -> dict:
-    sharding = mesh_lib.batch_sharding(self.mesh)
     dc, tc = self.config.data, self.config.train
-    return evaluate(self.eval_step, self.state.params, self.val_split, dc.seq_len,
-                    tc.eval_batch_size, max_batches, put=lambda b: put_batch(b, sharding),
-                    process_block=self.batch_block)
+    if self.eval_compiled is None:
+      batch_BxL = jax.ShapeDtypeStruct((tc.eval_batch_size, dc.seq_len), jnp.int32,
+                                       sharding=mesh_lib.batch_sharding(self.mesh))
+      batch = {'inputs': batch_BxL, 'targets': batch_BxL, 'weights': batch_BxL.update(
+          dtype=jnp.float32)}
+      with phase('compiling the evaluation step'):
+        self.eval_compiled = self.eval_step.lower(self.state.params, batch).compile()
+    return evaluate(self.eval_compiled, self.state.params, self.val_split, dc.seq_len,
+                    tc.eval_batch_size, self.mesh, max_batches)
 
   def report_start(self) -> None:
     counts = count_params(self.model_cfg)
@@ -274,8 +277,10 @@ class Run:
       start = f'starting from {self.started_from}'
     else:
       start = 'starting'
+    active = (f', {counts.active_non_embedding:,} of them active per token'
+              if counts.active_non_embedding != counts.non_embedding else '')
     self.progress.write(
-        f'model: {counts.total:,} parameters ({counts.non_embedding:,} non-embedding), '
+        f'model: {counts.total:,} parameters ({counts.non_embedding:,} non-embedding{active}), '
         f'{self.flops_per_token / 1e6:.2f} MFLOPs per token, pattern {self.model_cfg.pattern}\n'
         f'devices: {perf.device_description()}'
         f'{f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""}, '
@@ -286,49 +291,83 @@ class Run:
         f'{tc.batch_size // mesh_lib.batch_shards(self.mesh)} sequences per device; '
         f'{start} in {self.workdir}')
 
+  def _call_sizes(self, step: int) -> Iterator[int]:
+    """Steps of each compiled call from `step` on: `steps_per_call`, cut so that calls end on
+    evaluation and checkpoint steps."""
+    tc = self.config.train
+    while step < tc.num_steps:
+      k = min(tc.steps_per_call, tc.num_steps - step)
+      for every in (tc.eval_every, tc.checkpoint_every):
+        if every > 0:
+          k = min(k, every - step % every)
+      yield k
+      step += k
+
+  def _next_batches(self, k: int):
+    return mesh_lib.put_batch(self.iterator.next(k), self.steps_sharding)
+
+  def _executable(self, k: int, batches):
+    """The multi-step of `k` steps, compiled ahead of its first call (and announced)."""
+    if k not in self.compiled:
+      start = time.time()
+      with phase(f'compiling the train step ({k} steps per call)'):
+        self.compiled[k] = self.multi_step.lower(self.state, batches).compile()
+      self.compile_s += time.time() - start
+    return self.compiled[k]
+
   def train(self) -> dict:
+    """The loop. Each call is dispatched, then the next call's batches are prepared and placed
+    while the device computes, and only then are the call's metrics read back."""
     tc = self.config.train
     tokens_per_step = tc.batch_size * self.config.data.seq_len
     self.report_start()
     step = int(self.state.step)
+    sizes = self._call_sizes(step)
+    k = next(sizes, 0)
+    batches = self._next_batches(k) if k else None
     window = Window()
     final = None
     with StopRequest() as stop:
-      while step < tc.num_steps:
-        k = min(tc.steps_per_call, tc.num_steps - step)
-        for every in (tc.eval_every, tc.checkpoint_every):  # calls end on eval and save steps
-          if every > 0:
-            k = min(k, every - step % every)
-        call_start = time.time()
-        batches = put_batch(self.iterator.next(k), self.steps_sharding)
-        self.state, metrics = self.multi_step(self.state, batches)
+      while k:
+        executable = self._executable(k, batches)
+        window.start()
+        self.state, metrics = executable(self.state, batches)
+        data_state = self.iterator.state()  # the position after this call's batches
+        next_k = next(sizes, 0)
+        batches = self._next_batches(next_k) if next_k else None
         losses, grad_norms = jax.device_get((metrics['loss'], metrics['grad_norm']))
         self._stop_on_non_finite(step, losses, grad_norms)
-        window.add_call(time.time() - call_start, k * tokens_per_step)
-        self._log(step, losses, metrics, window)
+        window.add_call(k * tokens_per_step)
+        rows = self._rows(step, losses, metrics, window)
         step += k
         if step == tc.num_steps or (tc.eval_every > 0 and step % tc.eval_every == 0):
-          final = self.evaluate(-1 if step == tc.num_steps else tc.eval_batches)
-          self.writer.write(step, final)
-          self.progress.write(f'step {step}: val_loss {final["val_loss"]:.4f} '
-                              f'(bits/char {final["val_bits_per_char"]:.4f}, '
-                              f'{final["val_tokens"]:,} tokens)')
+          whole = step == tc.num_steps
+          final = self.evaluate(-1 if whole else tc.eval_batches)
+          rows.setdefault(step, {}).update(final)
+          self.progress.write(
+              f'step {step}: val_loss {final["val_loss"]:.4f} (bits/char '
+              f'{final["val_bits_per_char"]:.4f}) on '
+              + ('the whole validation split' if whole else f'{tc.eval_batches} batches')
+              + f', {final["val_tokens"]:,} tokens')
+        for s, row in rows.items():
+          self.writer.write(s, row)
         interrupted = step < tc.num_steps and stop.requested()
         if (step == tc.num_steps or interrupted
             or (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0)):
-          self.checkpointer.save(step, self.state.params, self.state.opt_state,
-                                 self.iterator.state())
+          self.checkpointer.save(step, self.state.params, self.state.opt_state, data_state)
         if interrupted:
           self.checkpointer.wait()
           raise Interrupted(step, stop.signum)
+        k = next_k
     if final is None:  # resumed a finished run: report its validation metrics again
       final = self.evaluate(-1)
-    return dict(final, step=step, compile_s=window.compile_s)
+    return dict(final, step=step, compile_s=self.compile_s)
 
-  def _log(self, step: int, losses: np.ndarray, metrics: dict, window: 'Window') -> None:
-    """Writes a row for each multiple of log_every (and the last step) among this call's steps;
-    train_loss is the mean over the steps since the previous row."""
+  def _rows(self, step: int, losses: np.ndarray, metrics: dict, window: 'Window') -> dict:
+    """The metric rows of this call's steps, by step: one for each multiple of log_every (and
+    the last step); train_loss is the mean over the steps since the previous row."""
     tc = self.config.train
+    rows = {}
     for i, loss in enumerate(losses):
       window.losses.append(float(loss))
       s = step + i + 1
@@ -341,13 +380,15 @@ class Run:
         row['aux_loss'] = float(np.asarray(metrics['aux_loss'])[i])
         if i == len(losses) - 1:
           row.update(flatten_layer_metrics(metrics['layers']))
+      progress = {'loss': row['train_loss']}
       if window.seconds > 0:
         row['tokens_per_s'] = window.tokens / window.seconds
         row['mfu'] = perf.mfu(self.flops_per_token, row['tokens_per_s'], self.peak)
-      self.writer.write(s, row)
-      self.progress.update(s, loss=row['train_loss'], tok_s=int(row.get('tokens_per_s', 0)),
-                           mfu=f'{100 * row.get("mfu", 0):.1f}%')
+        progress.update(tok_s=int(row['tokens_per_s']), mfu=f'{100 * row["mfu"]:.1f}%')
+      rows[s] = row
+      self.progress.update(s, **progress)
       window.reset()
+    return rows
 
   def _stop_on_non_finite(self, step: int, losses: np.ndarray, grad_norms: np.ndarray) -> None:
     """Raises NonFiniteError at the first step of the call whose loss or gradient is not finite;
@@ -371,19 +412,20 @@ class Run:
 
 
 class Window:
-  """Losses, time and tokens since the last log row. The first call compiles: its time is kept
-  apart as compile_s and out of the throughput."""
+  """Losses, time and tokens since the last log row. A call's time runs from its dispatch to the
+  moment its metrics are read (the next call's batches are prepared in between); compiling
+  happens before, apart (`Run._executable`)."""
 
   def __init__(self):
-    self.compile_s = None
+    self._started = None
     self.reset()
 
   def reset(self):
     self.losses, self.seconds, self.tokens = [], 0.0, 0
 
-  def add_call(self, seconds: float, tokens: int):
-    if self.compile_s is None:
-      self.compile_s = seconds
-    else:
-      self.seconds += seconds
-      self.tokens += tokens
+  def start(self):
+    self._started = time.time()
+
+  def add_call(self, tokens: int):
+    self.seconds += time.time() - self._started
+    self.tokens += tokens

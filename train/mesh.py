@@ -19,6 +19,7 @@ import os
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ('data', 'fsdp', 'tensor', 'expert')
@@ -184,6 +185,12 @@ def jit(fn, mesh: Mesh, **jit_kwargs):
 
   call.lower = lower
   return call
+
+
+def put_batch(batch: dict, sharding) -> dict:
+  """This process's rows of a global batch -> global arrays laid out by `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
 
 
 def process_batch_block(mesh: Mesh) -> tuple[int, int]:

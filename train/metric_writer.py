@@ -1,5 +1,5 @@
 """Metrics to DIR/metrics.jsonl (one JSON object per logged step) and TensorBoard event files
-(DIR/tensorboard), plus the progress line: a tqdm bar on a terminal, a log line otherwise."""
+(DIR/tensorboard)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import json
 import math
 import os
 import shutil
-import sys
-import time
 
 import numpy as np
 
@@ -71,39 +69,3 @@ def _plain(value):
     value = np.asarray(value)
     return value.item() if value.ndim == 0 else value.tolist()
   return value
-
-
-class Progress:
-  """A tqdm bar when stderr is a terminal; otherwise one line per update (readable in CI logs)."""
-
-  def __init__(self, total: int, initial: int = 0, enabled: bool = True):
-    self.enabled = enabled
-    self.total = total
-    self.start = time.time()
-    self._bar = None
-    if enabled and sys.stderr.isatty():
-      from tqdm import tqdm
-      self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit='step')
-
-  def update(self, step: int, **fields) -> None:
-    if not self.enabled:
-      return
-    text = {k: (f'{v:.4g}' if isinstance(v, float) else v) for k, v in fields.items()}
-    if self._bar is not None:
-      self._bar.n = step
-      self._bar.set_postfix(text, refresh=True)
-    else:
-      body = ' '.join(f'{k}={v}' for k, v in text.items())
-      print(f'step {step}/{self.total} {body}', file=sys.stderr, flush=True)
-
-  def write(self, message: str) -> None:
-    if not self.enabled:
-      return
-    if self._bar is not None:
-      self._bar.write(message)
-    else:
-      print(message, file=sys.stderr, flush=True)
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()

@@ -16,7 +16,7 @@ def device_description() -> str:
 
 def timed(fn, *args, repeats: int = 5, warmup: int = 1, statistic=np.median) -> float:
   """`statistic` (the median) of fn(*args)'s wall times over `repeats`, after `warmup` calls,
-  synchronised."""
+  each synchronised on its result (`fn` may be a closure that threads donated state)."""
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   times = []
@@ -38,6 +38,12 @@ def measure_peak_flops(dtype: str = 'float32', n: int | None = None, repeats: in
   b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
   matmul = jax.jit(lambda x, y: x @ y)
   return 2.0 * n ** 3 / timed(matmul, a, b, repeats=repeats, statistic=np.min)
+
+
+def peak_flops_per_s(dtype: str = 'float32', override: float = 0.0) -> float:
+  """The denominator of MFU for all devices: `override` (train.peak_flops) when it is set, else
+  one device's measured matmul rate times the device count."""
+  return override or measure_peak_flops(dtype) * jax.device_count()
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_flops_per_s: float) -> float:

@@ -36,14 +36,18 @@ def _weights(batch):
   return batch.get('weights', jnp.ones(batch['targets'].shape, jnp.float32))
 
 
-def make_loss_fn(model: nn.Module, dropout: bool):
+def make_loss_fn(model: nn.Module, dropout: bool, last_only: bool = False):
   """loss_fn(params, batch, rng) -> (sum of token losses + aux losses * tokens, aux dict).
 
-  Returns sums over tokens, not means, so micro-batches add up to the full batch exactly."""
+  Returns sums over tokens, not means, so micro-batches add up to the full batch exactly. With
+  `last_only` the loss is the last position's alone (answer-only tasks such as grokking's
+  `a b =` -> `c`), and the model computes no more than that position needs (`LM(last_only)`)."""
   def loss_fn(params, batch, rng):
     logits, cols = model.apply(
-        {'params': params}, batch['inputs'], deterministic=not dropout,
+        {'params': params}, batch['inputs'], deterministic=not dropout, last_only=last_only,
         rngs={'dropout': rng} if dropout else {}, mutable=[AUX_LOSS, METRICS])
+    if last_only:
+      batch = {k: v[:, -1:] for k, v in batch.items() if k in ('targets', 'weights')}
     weights = _weights(batch)
     ce_sum = jnp.sum(token_losses(logits, batch['targets']) * weights)
     tokens = jnp.sum(weights)

@@ -19,6 +19,7 @@ import ml_collections
 from model.config import ModelConfig
 from train import data as data_lib
 from train import tokenizers
+from train.progress import phase
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
@@ -139,9 +140,14 @@ def build_data(config: ml_collections.ConfigDict, tokenizer=None):
   trained on the training split unless one is given (`train.init_from`'s)."""
   docs = data_lib.load_documents(config.data)
   if tokenizer is None:
-    tokenizer = tokenizers.train(config.data.tokenizer, docs['train'], config.data.vocab_size)
-  return (tokenizer, data_lib.tokenize(tokenizer, docs['train']),
-          data_lib.tokenize(tokenizer, _representable(tokenizer, docs['validation'])))
+    kind, size = config.data.tokenizer, config.data.vocab_size
+    what = f'a {kind} tokenizer of {size:,} pieces' if kind in ('bpe', 'unigram') else (
+        f'a {kind} tokenizer')
+    with phase(f'training {what} on the training split'):
+      tokenizer = tokenizers.train(kind, docs['train'], size)
+  return (tokenizer, data_lib.tokenize(tokenizer, docs['train'], 'train'),
+          data_lib.tokenize(tokenizer, _representable(tokenizer, docs['validation']),
+                            'validation'))
 
 
 def save_data(workdir: str, tokenizer, train_split, val_split) -> None:

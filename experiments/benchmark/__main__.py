@@ -6,14 +6,20 @@ FLOPs utilisation, step time, compile time and peak memory, and decoding tokens/
 the KV cache at a few context lengths. Prints a table and writes DIR/benchmark.json.
 
 Timing practice: compile time is measured separately (`lower().compile()`); each figure is the
-median of `repeats` calls after a warm-up call, with device work synchronised before the clock is
-read. A train call runs `steps_per_call` steps (`lax.scan`), as the training loop does.
+median of `repeats` calls after a warm-up call (`train.perf.timed`), with device work synchronised
+before the clock is read. A train call is the training loop's own compiled call
+(`train.loop.sharded_multi_step`): `steps_per_call` steps as one `lax.scan`.
+
+The package's other commands: `python -m experiments.benchmark.moe` (an MoE against the dense
+model of its active size, trained) and `python -m experiments.benchmark.ssm` (Mamba against
+attention as the length grows).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -24,8 +30,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from train import cli
+from train.progress import say
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'benchmark.py')
+DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'benchmark.py')
 
 
 def _train_config(shape) -> ml_collections.ConfigDict:
@@ -46,8 +53,8 @@ def peak_memory_bytes(compiled) -> int:
 
 def bench_train(name: str, shape, steps_per_call: int, repeats: int, peak: float) -> dict:
   from model import LM, ModelConfig, training_flops_per_token
-  from train import mesh as mesh_lib, optim, step as step_lib
-  from train.loop import init_state, put_batch, sharded_multi_step
+  from train import mesh as mesh_lib, optim, perf, step as step_lib
+  from train.loop import init_state, sharded_multi_step
 
   cfg = ModelConfig.from_dict(shape.model)
   tc = _train_config(shape)
@@ -60,19 +67,19 @@ def bench_train(name: str, shape, steps_per_call: int, repeats: int, peak: float
   multi = sharded_multi_step(step, mesh, shardings)  # the training loop's compiled call
   tokens = np.random.default_rng(0).integers(
       0, cfg.vocab_size, (steps_per_call, shape.batch_size, shape.seq_len + 1), dtype=np.int32)
-  batches = put_batch({'inputs': tokens[..., :-1], 'targets': tokens[..., 1:]}, steps_sharding)
+  batches = mesh_lib.put_batch({'inputs': tokens[..., :-1], 'targets': tokens[..., 1:]},
+                               steps_sharding)
 
   start = time.perf_counter()
   compiled = multi.lower(state, batches).compile()
   compile_s = time.perf_counter() - start
-  times = []
-  for i in range(repeats + 1):  # the first call is warm-up; the state is threaded (donated)
-    start = time.perf_counter()
+
+  def call():  # threads the state, which each call donates
+    nonlocal state
     state, metrics = compiled(state, batches)
-    jax.block_until_ready(metrics['loss'])
-    if i:
-      times.append(time.perf_counter() - start)
-  step_s = float(np.median(times)) / steps_per_call
+    return metrics['loss']
+
+  step_s = perf.timed(call, repeats=repeats) / steps_per_call
   tokens_per_s = shape.batch_size * shape.seq_len / step_s
   flops = training_flops_per_token(cfg, shape.seq_len)
   return {'name': name, 'dtype': cfg.dtype, 'batch_size': shape.batch_size,
@@ -109,40 +116,41 @@ def bench_decode(name: str, shape, context: int, repeats: int) -> dict:
 
 def main(argv):
   del argv
+  from model.config import ConfigError
   from train import perf
   from train.errors import quiet_libraries
   quiet_libraries()
   c = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
-  os.makedirs(workdir, exist_ok=True)
   platform = jax.devices()[0].platform
   names = [n for n in (c.shapes or (c.cpu if platform == 'cpu' else c.accelerator)).split(',')
            if n]
   unknown = [n for n in names if n not in c.catalog]
   if unknown:
-    raise SystemExit(f'error: unknown shape(s) {unknown}; the catalog has {sorted(c.catalog)}')
+    raise ConfigError(f'config.shapes: unknown shape(s) {unknown}; the catalog has '
+                      f'{sorted(c.catalog)}')
   for name in names:
     if c.catalog[name].model.attention_impl == 'cudnn' and platform != 'gpu':
-      raise SystemExit(f'error: shape {name} uses cuDNN attention, which needs an NVIDIA GPU; '
-                       f'on {platform} add --config.catalog.{name}.model.attention_impl=xla')
+      raise ConfigError(f'shape {name} uses cuDNN attention, which needs an NVIDIA GPU; on '
+                        f'{platform} add --config.catalog.{name}.model.attention_impl=xla')
+  os.makedirs(workdir, exist_ok=True)
 
   dtypes = sorted({c.catalog[n].model.dtype for n in names})
-  peaks = {d: perf.measure_peak_flops(d) for d in dtypes}
+  peaks = {d: perf.peak_flops_per_s(d) for d in dtypes}
   result = {'device': perf.device_description(),
             'peak_flops_per_s': peaks[dtypes[0]] if len(dtypes) == 1 else peaks,
             'train': [], 'decode': []}
   for name in names:
     shape = c.catalog[name]
-    row = bench_train(name, shape, c.steps_per_call, c.repeats,
-                      peaks[shape.model.dtype] * jax.device_count())
+    row = bench_train(name, shape, c.steps_per_call, c.repeats, peaks[shape.model.dtype])
     result['train'].append(row)
-    print(f'train {name}: {row["tokens_per_s"]:,.0f} tokens/s, MFU {100 * row["mfu"]:.1f}%, '
-          f'{row["step_ms"]:.2f} ms/step', flush=True)
+    say(f'train {name}: {row["tokens_per_s"]:,.0f} tokens/s, MFU {100 * row["mfu"]:.1f}%, '
+        f'{row["step_ms"]:.2f} ms/step')
     for context in shape.decode_contexts if c.decode else ():
       row = bench_decode(name, shape, context, c.repeats)
       result['decode'].append(row)
-      print(f'decode {name} @ {context}: cached {row["cached_tokens_per_s"]:,.0f} tokens/s, '
-            f'uncached {row["uncached_tokens_per_s"]:,.0f} ({row["speedup"]:.1f}x)', flush=True)
+      say(f'decode {name} @ {context}: cached {row["cached_tokens_per_s"]:,.0f} tokens/s, '
+          f'uncached {row["uncached_tokens_per_s"]:,.0f} ({row["speedup"]:.1f}x)')
 
   print(format_table(result))
   with open(os.path.join(workdir, 'benchmark.json'), 'w') as f:
@@ -171,8 +179,9 @@ def format_table(result: dict) -> str:
 
 
 if __name__ == '__main__':
-  # Defined here, not at import, so that tests can import this module beside other experiments.
-  config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Benchmark config.', lock_config=True)
+  config_flags.DEFINE_config_file('config', None, 'Benchmark config; default '
+                                  'experiments/configs/benchmark.py.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Where benchmark.json is written.')
   flags.mark_flag_as_required('workdir')
+  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
   cli.run(main)

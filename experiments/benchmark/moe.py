@@ -1,54 +1,51 @@
-"""An 8-expert top-2 MoE against the dense model of the same active parameters, tiny shakespeare.
+"""python -m experiments.benchmark.moe --workdir=DIR [--config=experiments/configs/moe_benchmark.py]
 
-  python -m experiments.moe_benchmark --workdir=/tmp/moe_benchmark [--steps=2000] [--dropless]
-
-Both are the shakespeare_char recipe (experiments/configs/shakespeare_char.py: 4 layers, width 128,
-context 64, batch 12, AdamW, same data order), trained one after the other in this process:
-- dense: attn*4 with SwiGLU width 344, the main job itself;
-- moe:   attn:moe*4 with 8 experts of width 172, top-2, capacity factor 1.25: per token the same
-         2 x 172 = 344 feed-forward width (plus a 128 x 8 router), four times the parameters;
-- moe_dropless (with --dropless): the same MoE without capacity (grouped matmuls).
-Each run lives in DIR/<name>/ (the same command again resumes finished runs instead of retraining).
-Prints one table (parameters, training FLOPs per token, tokens/s, validation loss on the whole
-split) and writes it to DIR/moe_benchmark.json. Tokens/s is the median over the logged windows of
-training steps (compilation and evaluation excluded).
+An MoE against the dense model of the same active parameters, each a normal training run of the
+config (by default the shakespeare_char recipe with 8 experts of width 172, top-2) in DIR/<name>/:
+dense (attn*4, feed-forward width top_k x model.moe.d_ff), moe (attn:moe*4) and, with
+`--config.dropless=true`, moe_dropless (capacity factor 0). The same command again resumes or
+skips finished runs. Prints one table (parameters, training FLOPs per token, tokens/s, validation
+loss on the whole split) and writes it to DIR/moe_benchmark.json. Tokens/s is the median over the
+logged windows of training steps (compilation and evaluation excluded).
 """
 
 import json
 import os
+import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 from train import cli
 
-flags.DEFINE_string('workdir', None, 'Directory for the runs and moe_benchmark.json.')
-flags.DEFINE_integer('steps', 2000, 'Training steps of each model.')
-flags.DEFINE_boolean('dropless', False, 'Also train the MoE without capacity (capacity_factor 0).')
-flags.mark_flag_as_required('workdir')
-
-EXPERT_WIDTH = 172
-MOE = dict(num_experts=8, top_k=2, d_ff=EXPERT_WIDTH)
+DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'moe_benchmark.py')
 
 
-def models(dropless: bool) -> dict[str, dict]:
-  """Model overrides of the shakespeare_char config, by run name."""
-  runs = {'dense': dict(pattern='attn*4', d_ff=MOE['top_k'] * EXPERT_WIDTH),
-          'moe': dict(pattern='attn:moe*4', moe=dict(MOE, capacity_factor=1.25))}
-  if dropless:
-    runs['moe_dropless'] = dict(pattern='attn:moe*4', moe=dict(MOE, capacity_factor=0.0))
+def run_configs(config) -> dict:
+  """The runs' configs by name: the dense model and the MoE (and the dropless MoE)."""
+  runs = {}
+  for name, pattern, capacity in (('dense', 'attn*4', None), ('moe', 'attn:moe*4', None),
+                                  ('moe_dropless', 'attn:moe*4', 0.0)):
+    if name == 'moe_dropless' and not config.dropless:
+      continue
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      del c['dropless']
+    c.model.pattern = pattern
+    if name == 'dense':
+      c.model.d_ff = c.model.moe.top_k * c.model.moe.d_ff
+    if capacity is not None:
+      c.model.moe.capacity_factor = capacity
+    runs[name] = c
   return runs
 
 
-def train_one(name: str, overrides: dict, workdir: str, steps: int, peak_flops: float) -> dict:
+def train_one(name: str, config, workdir: str) -> dict:
   import numpy as np
 
-  from experiments.configs import shakespeare_char
   from model import ModelConfig, count_params, training_flops_per_token
   from train import loop, workdir as workdir_lib
 
-  config = shakespeare_char.get_config()
-  config.model.update(overrides)
-  config.train.update(num_steps=steps, peak_flops=peak_flops)
   run_dir = os.path.join(workdir, name)
   final = loop.train_and_evaluate(config, run_dir)
   with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
@@ -80,22 +77,29 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f'unexpected arguments: {argv[1:]}')
+  del argv
   from train import perf
   from train.errors import quiet_libraries
   quiet_libraries()
-  workdir, steps = flags.FLAGS.workdir, flags.FLAGS.steps
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
-  peak = perf.measure_peak_flops()  # once, so both runs' MFU share a denominator
-  results = [train_one(name, overrides, workdir, steps, peak)
-             for name, overrides in models(flags.FLAGS.dropless).items()]
+  runs = run_configs(config)
+  peak = perf.peak_flops_per_s(config.model.dtype, config.train.peak_flops)
+  results = []
+  for name, run_config in runs.items():
+    run_config.train.peak_flops = peak  # measured once: every run's MFU shares a denominator
+    results.append(train_one(name, run_config, workdir))
   text = table(results)
-  print(f'\n{steps} steps each on {perf.device_description()}\n{text}')
+  print(f'\n{config.train.num_steps} steps each on {perf.device_description()}\n{text}')
   with open(os.path.join(workdir, 'moe_benchmark.json'), 'w') as f:
-    json.dump({'steps': steps, 'device': perf.device_description(), 'results': results}, f,
-              indent=1)
+    json.dump({'steps': config.train.num_steps, 'device': perf.device_description(),
+               'results': results}, f, indent=1)
 
 
 if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Benchmark config; default '
+                                  'experiments/configs/moe_benchmark.py.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for the runs and moe_benchmark.json.')
+  flags.mark_flag_as_required('workdir')
+  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
   cli.run(main)

@@ -1,13 +1,13 @@
-"""Forward+backward time of one Mamba block and one attention block of the same width as the
-sequence length doubles: the Mamba block's time grows linearly, attention's quadratically.
+"""python -m experiments.benchmark.ssm --workdir=DIR [--config=experiments/configs/ssm_benchmark.py]
 
-    python -m experiments.ssm_benchmark --workdir=runs/ssm_benchmark
+Forward+backward time of one block of each of `config.mixers` (Mamba and attention by default) at
+the same width as the sequence length doubles: a recurrent block's time grows linearly,
+attention's quadratically.
 
-Each block is `model.blocks.Block` with no feed-forward (pre-norm, mixer, residual), at the model's
-defaults (Mamba: N = 16, Din = 2 D, conv 4, parallel scan in chunks of 128; attention: RoPE, causal,
-`jax.nn.dot_product_attention`). Times are medians of `train.perf.timed` over jitted gradients with
-respect to the parameters and the input. Prints a table, writes DIR/ssm_benchmark.json and
-DIR/ssm_benchmark.png, and says at which length the lines cross (see `crossing`).
+Each block is `model.blocks.Block` with no feed-forward (pre-norm, mixer, residual), built from
+`config.model`. Times are medians of `train.perf.timed` over jitted gradients with respect to the
+parameters and the input. Prints a table, writes DIR/ssm_benchmark.json and DIR/ssm_benchmark.png,
+and says at which length each recurrent mixer's line crosses attention's (see `crossing`).
 """
 
 from __future__ import annotations
@@ -15,22 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
-from absl import app, flags
+from absl import flags
+from ml_collections import config_flags
 
 from train import cli
 
-flags.DEFINE_string('workdir', None, 'Directory for ssm_benchmark.json and ssm_benchmark.png.')
-flags.DEFINE_integer('d_model', 256, 'Width D of both blocks.')
-flags.DEFINE_integer('num_heads', 4, 'Attention heads (head width D / heads).')
-flags.DEFINE_integer('batch', 1, 'Sequences per call: attention at 8192 tokens holds a few '
-                     '(batch, heads, L, L) float32 arrays, 1 GiB each for batch 1 and 4 heads.')
-flags.DEFINE_integer('min_len', 256, 'Shortest sequence length.')
-flags.DEFINE_integer('max_len', 8192, 'Longest sequence length (lengths double from min_len).')
-flags.DEFINE_integer('repeats', 3, 'Timed calls per measurement (after one warm-up call).')
-flags.mark_flag_as_required('workdir')
-
-MIXERS = ('mamba', 'attn')
+DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'ssm_benchmark.py')
 
 
 def block_gradient(cfg, mixer: str, batch: int, length: int):
@@ -55,6 +47,7 @@ def block_gradient(cfg, mixer: str, batch: int, length: int):
 
 
 def crossing(lengths, mamba_s, attn_s) -> dict:
+  # mamba_s: the times of any recurrent mixer; the notes say "Mamba" for it.
   """The length from which attention is slower than Mamba: log(attn time / mamba time) is
   interpolated linearly in log(length) between the measured lengths around its sign change, or
   extrapolated from the last two lengths when Mamba is slower throughout; None when there is no
@@ -89,16 +82,16 @@ def plot(result: dict, path: str):
 
   lengths = [r['length'] for r in result['rows']]
   fig, (ax_time, ax_token) = plt.subplots(1, 2, figsize=(11, 4.2))
-  for mixer, style in zip(MIXERS, ('o-', 's-')):
+  for mixer, style in zip(result['mixers'], ('o-', 's-', '^-', 'v-', 'D-')):
     seconds = [r[f'{mixer}_s'] for r in result['rows']]
     label = f'{mixer} (slope {result["log_slopes"][mixer]:.2f} at the end)'
     ax_time.loglog(lengths, seconds, style, base=2, label=label)
     ax_token.semilogx(lengths, [1e6 * s / (result['batch'] * l)
-                                              for s, l in zip(seconds, lengths)],
-                      style, base=2, label=mixer)
-  if result['crossing']['note'].startswith('interpolated'):
-    for ax in (ax_time, ax_token):
-      ax.axvline(result['crossing']['length'], color='grey', ls=':', label='crossing')
+                                for s, l in zip(seconds, lengths)], style, base=2, label=mixer)
+  for mixer, cross in result['crossing'].items():
+    if cross['note'].startswith('interpolated'):
+      for ax in (ax_time, ax_token):
+        ax.axvline(cross['length'], color='grey', ls=':', label=f'{mixer} = attn')
   ax_time.set(xlabel='sequence length L', ylabel='forward+backward time (s)',
               title=f'one block, D={result["d_model"]}, batch {result["batch"]}')
   ax_token.set(xlabel='sequence length L', ylabel='time per token (µs)',
@@ -113,62 +106,64 @@ def plot(result: dict, path: str):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from model.config import ModelConfig
+  del argv
+  from model.config import ConfigError, ModelConfig
   from train.perf import device_description, timed
 
-  FLAGS = flags.FLAGS
-  if not 0 < FLAGS.min_len <= FLAGS.max_len:
-    raise app.UsageError(f'need 0 < --min_len <= --max_len, got {FLAGS.min_len}, {FLAGS.max_len}')
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  cfg = ModelConfig(d_model=FLAGS.d_model, num_heads=FLAGS.num_heads, pattern='mamba,attn',
-                    max_len=FLAGS.max_len)
-  lengths = []
-  while FLAGS.min_len * 2 ** len(lengths) <= FLAGS.max_len:
-    lengths.append(FLAGS.min_len * 2 ** len(lengths))
-
+  c, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  lengths = sorted(c.lengths)
+  mixers = list(c.mixers)
+  if not lengths or lengths[0] < 1:
+    raise ConfigError(f'config.lengths={c.lengths}: give positive sequence lengths')
+  cfg = ModelConfig.from_dict(dict(c.model.to_dict(), pattern=','.join(mixers),
+                                   max_len=max(c.model.max_len, lengths[-1])))
+  os.makedirs(workdir, exist_ok=True)
   print(f'{device_description()}: one block (no feed-forward) of width {cfg.d_model}, '
-        f'batch {FLAGS.batch}, forward+backward, median of {FLAGS.repeats}')
-  print(f'{"L":>6} {"mamba ms":>10} {"attn ms":>10} {"attn/mamba":>11} '
-        f'{"mamba µs/tok":>13} {"attn µs/tok":>12}')
+        f'batch {c.batch}, forward+backward, median of {c.repeats}')
+  print(f'{"L":>6} ' + ' '.join(f'{m + " ms":>10}' for m in mixers)
+        + ' ' + ' '.join(f'{m + " µs/tok":>13}' for m in mixers))
   rows = []
   for length in lengths:
     row = {'length': length}
-    for mixer in MIXERS:
-      fn, args = block_gradient(cfg, mixer, FLAGS.batch, length)
-      row[f'{mixer}_s'] = timed(fn, *args, repeats=FLAGS.repeats)
+    for mixer in mixers:
+      fn, args = block_gradient(cfg, mixer, c.batch, length)
+      row[f'{mixer}_s'] = timed(fn, *args, repeats=c.repeats)
       del fn, args  # free attention's L x L buffers before the next measurement
     rows.append(row)
-    tokens = FLAGS.batch * length
-    print(f'{length:>6} {1e3 * row["mamba_s"]:>10.2f} {1e3 * row["attn_s"]:>10.2f} '
-          f'{row["attn_s"] / row["mamba_s"]:>11.2f} {1e6 * row["mamba_s"] / tokens:>13.2f} '
-          f'{1e6 * row["attn_s"] / tokens:>12.2f}', flush=True)
+    tokens = c.batch * length
+    print(f'{length:>6} ' + ' '.join(f'{1e3 * row[m + "_s"]:>10.2f}' for m in mixers) + ' '
+          + ' '.join(f'{1e6 * row[m + "_s"] / tokens:>13.2f}' for m in mixers), flush=True)
 
-  mamba_s = [r['mamba_s'] for r in rows]
-  attn_s = [r['attn_s'] for r in rows]
-  cross = crossing(lengths, mamba_s, attn_s)
   result = dict(device=device_description(), d_model=cfg.d_model, num_heads=cfg.num_heads,
-                batch=FLAGS.batch, repeats=FLAGS.repeats, mamba=cfg.to_dict()['mamba'],
-                rows=rows, crossing=cross)
-  if cross['length'] is None:
-    summary = f'the lines do not cross: {cross["note"]}'
-  else:
-    summary = f'the lines cross at L ~ {cross["length"]:.0f} ({cross["note"]})'
+                batch=c.batch, repeats=c.repeats, mixers=mixers, model=cfg.to_dict(),
+                rows=rows, crossing={})
+  times = {m: [r[f'{m}_s'] for r in rows] for m in mixers}
+  notes = []
+  if 'attn' in mixers:
+    for mixer in mixers:
+      if mixer == 'attn':
+        continue
+      cross = result['crossing'][mixer] = crossing(lengths, times[mixer], times['attn'])
+      notes.append(f'{mixer} and attention do not cross: {cross["note"]}' if cross['length'] is None
+                   else f'{mixer} and attention cross at L ~ {cross["length"]:.0f} '
+                        f'({cross["note"]})')
   if len(rows) > 1:
-    result['log_slopes'] = {'mamba': log_slope(lengths, mamba_s),
-                            'attn': log_slope(lengths, attn_s)}
-    summary += (f'; over the last doubling Mamba\'s time grew as '
-                f'L^{result["log_slopes"]["mamba"]:.2f}, attention\'s as '
-                f'L^{result["log_slopes"]["attn"]:.2f}')
-  result['summary'] = summary
-  print(summary)
-  with open(os.path.join(FLAGS.workdir, 'ssm_benchmark.json'), 'w') as f:
+    result['log_slopes'] = {m: log_slope(lengths, times[m]) for m in mixers}
+    notes.append('over the last doubling the time grew as '
+                 + ', '.join(f'L^{result["log_slopes"][m]:.2f} ({m})' for m in mixers))
+  result['summary'] = '; '.join(notes)
+  print(result['summary'])
+  with open(os.path.join(workdir, 'ssm_benchmark.json'), 'w') as f:
     json.dump(result, f, indent=1)
   if len(rows) > 1:
-    plot(result, os.path.join(FLAGS.workdir, 'ssm_benchmark.png'))
-  print(f'wrote {FLAGS.workdir}/ssm_benchmark.json and ssm_benchmark.png')
+    plot(result, os.path.join(workdir, 'ssm_benchmark.png'))
+  print(f'wrote {workdir}/ssm_benchmark.json and ssm_benchmark.png')
 
 
 if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Benchmark config; default '
+                                  'experiments/configs/ssm_benchmark.py.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for ssm_benchmark.json and ssm_benchmark.png.')
+  flags.mark_flag_as_required('workdir')
+  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
   cli.run(main)

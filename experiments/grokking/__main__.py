@@ -6,7 +6,7 @@
     python -m experiments.grokking --workdir=runs/grokking_sweep --sweep          # fraction sweep
 
 A one-layer transformer (`model.LM`) reads `a b =` and is trained, full batch, on part of the
-table of a binary operation (experiments/arithmetic.py) with the answer token as the only target.
+table of a binary operation (arithmetic.py) with the answer token as the only target.
 It memorises the training equations early and generalises to the held-out ones much later.
 
 Writes into the work directory:
@@ -23,9 +23,10 @@ then sweep.json and sweep.png: steps to generalise against the training fraction
 Why not `train/loop.py`: that loop streams token batches from a corpus and checkpoints; here the
 whole dataset is a few thousand 3-token rows that live on the device, every step sees all of the
 training split, evaluation is accuracy on the answer token, and a run is minutes long and stops
-soon after it groks. So this driver reuses the train step (`train.step.make_train_step`, with an
-answer-only loss), the optimizer (`train.optim.make_optimizer`, Grokfast as its gradient filter)
-and the metrics writer, and keeps its own small loop. Each compiled call is a `lax.scan` of
+soon after it groks. So this driver reuses the train step (`train.step.make_train_step`, with the
+answer-only loss `make_loss_fn(last_only=True)`), the state's initialisation
+(`train.loop.init_state`), the optimizer (`train.optim.make_optimizer`, Grokfast as its gradient
+filter) and the metrics writer, and keeps its own small loop. Each compiled call is a `lax.scan` of
 `eval_every` steps followed by an evaluation, itself scanned `steps_per_call / eval_every` times,
 with the splits passed in once and closed over: one dispatch per call, not per step.
 """
@@ -40,25 +41,27 @@ import sys
 import time
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from experiments import arithmetic, fourier, grokking_plots
+from experiments.grokking import arithmetic, fourier, plots
 from model import LM, ModelConfig, count_params
-from model.blocks import AUX_LOSS, METRICS
 from model.config import ConfigError
 from train import cli, optim, step as step_lib
 from train.errors import quiet_libraries
 from train.grokfast import grokfast_ema
-from train.metric_writer import MetricWriter, Progress
+from train.loop import init_state
+from train.mesh import make_mesh
+from train.metric_writer import MetricWriter
+from train.progress import Progress
 from train.workdir import save_config
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'grokking.py')
+DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'grokking.py')
+SINGLE_DEVICE = {'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}
 THRESHOLD = 0.99  # accuracy that counts as memorised (train) and generalised (validation)
 OUTPUTS = ('metrics.jsonl', 'summary.json', 'grokking.png', 'fourier.png', 'tensorboard')
 
@@ -80,21 +83,6 @@ def check_config(config) -> None:
                                       and config.grokfast.lamb >= 0.0):
     raise ConfigError(f'grokfast.alpha must be in [0, 1) and grokfast.lamb >= 0, got '
                       f'{config.grokfast.alpha} and {config.grokfast.lamb}')
-
-
-def answer_loss_fn(model):
-  """loss_fn for `make_train_step`: cross-entropy of the last position only, where the answer
-  is; with `last_only` the final feed-forward and the output head run on that position alone."""
-  def loss_fn(params, batch, rng):
-    del rng  # deterministic: these models use no dropout
-    logits_Bx1xV, cols = model.apply({'params': params}, batch['inputs'], last_only=True,
-                                     mutable=[AUX_LOSS, METRICS])
-    ce_sum = jnp.sum(step_lib.token_losses(logits_Bx1xV, batch['targets']))
-    tokens = jnp.float32(batch['targets'].size)
-    aux = sum((jnp.sum(x) for x in jax.tree.leaves(cols.get(AUX_LOSS, {}))), jnp.float32(0))
-    return ce_sum + aux * tokens, {'ce_sum': ce_sum, 'tokens': tokens, 'aux_loss': aux,
-                                   'layers': cols.get(METRICS, {})}
-  return loss_fn
 
 
 def accuracy(model, params, split):
@@ -141,7 +129,7 @@ def build(config) -> Setup:
                      if config.grokfast.enabled else None)
   optimizer = optim.make_optimizer(tc, gradient_filter)
   step = step_lib.make_train_step(model, optimizer, optim.learning_rate_schedule(tc), tc.seed,
-                                  loss_fn=answer_loss_fn(model))
+                                  loss_fn=step_lib.make_loss_fn(model, False, last_only=True))
   modular = config.task.operation in arithmetic.MODULAR
   basis_PxP = jnp.asarray(fourier.basis(task.num_elements)) if modular else None
 
@@ -153,14 +141,7 @@ def build(config) -> Setup:
       metrics['embedding_fourier_gini'] = fourier.sparsity(embedding_PxD, basis_PxP)
     return metrics
 
-  def init(rng):
-    params = nn.unbox(model.init(rng, jnp.zeros((1, 3), jnp.int32)))['params']
-    return step_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-  # Compiled without XLA's backend optimisations: it runs once, and the random initialisers
-  # otherwise take seconds to optimise.
-  rng = jax.random.key(tc.seed)
-  state = jax.jit(init).lower(rng).compile({'xla_backend_optimization_level': 0})(rng)
+  state, _ = init_state(model, optimizer, make_mesh(SINGLE_DEVICE, jax.devices()[:1]), tc.seed)
   return Setup(task, model_cfg, model, step, evaluate, state)
 
 
@@ -247,9 +228,9 @@ def train(config, workdir: str) -> dict:
                    key_frequency_share=float(sum(spectrum[k - 1] for k in keys)),
                    embedding_fourier_gini=last['embedding_fourier_gini'],
                    fourier_spectrum=[float(x) for x in spectrum])
-    grokking_plots.plot_fourier(spectrum, keys, rows, summary,
+    plots.plot_fourier(spectrum, keys, rows, summary,
                                 os.path.join(workdir, 'fourier.png'))
-  grokking_plots.plot_curves(rows, summary, os.path.join(workdir, 'grokking.png'))
+  plots.plot_curves(rows, summary, os.path.join(workdir, 'grokking.png'))
   summary['wall_s'] = time.time() - start
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
@@ -274,13 +255,12 @@ def sweep(config, workdir: str) -> list[dict]:
                                               'wall_s')})
   with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
     json.dump(results, f, indent=1)
-  grokking_plots.plot_sweep(results, config.train.num_steps, os.path.join(workdir, 'sweep.png'))
+  plots.plot_sweep(results, config.train.num_steps, os.path.join(workdir, 'sweep.png'))
   return results
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if flags.FLAGS.sweep:
@@ -300,16 +280,7 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['workdir'])
 
 
-def with_default_config(argv: list[str], path: str) -> list[str]:
-  """argv with --config=path when it has no --config. The default goes in as a flag, not as the
-  flag's default: config_flags would apply a default's --config.* overrides as the flag is
-  defined, outside cli.run's clear error for unknown keys."""
-  if any(a == '--config' or a.startswith('--config=') for a in argv):
-    return argv
-  return [argv[0], f'--config={path}', *argv[1:]]
-
-
 if __name__ == '__main__':
   define_flags()
-  sys.argv = with_default_config(sys.argv, DEFAULT_CONFIG)
+  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
   cli.run(main)

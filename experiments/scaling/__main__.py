@@ -23,8 +23,8 @@ the final validation loss on the whole split, wall time and the run's config. Ru
 again skips rows that exist and resumes a run that was interrupted from its checkpoint;
 `--shard=i/n` takes every n-th point from the i-th, so n processes (or hosts) share a grid. The
 tokenizer and the tokenized corpus are prepared once, in DIR/corpus, and every run links to them:
-all runs see the same tokens. When every point has its row, the fits (experiments/scaling_fits.py)
-go to DIR/summary.json and the plots (experiments/scaling_plots.py) to DIR/scaling.png.
+all runs see the same tokens. When every point has its row, the fits (experiments/fits.py)
+go to DIR/summary.json and the plots (experiments/plots.py) to DIR/scaling.png.
 """
 
 from __future__ import annotations
@@ -37,19 +37,11 @@ import shutil
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from train import cli
-
-config_flags.DEFINE_config_file('config', None, 'Sweep config (experiments/configs/scaling_*.py).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Sweep directory: runs/, runs.jsonl, summary.json, plots.')
-flags.DEFINE_string('shard', '0/1', 'i/n: run every n-th grid point starting from the i-th.')
-flags.DEFINE_list('compare', [], 'Sweep directories to compare on one figure in --workdir.')
-flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the fits\' intervals.')
-flags.DEFINE_bool('dry_run', False, 'Print the grid (N, D, FLOPs of every run) and stop.')
-flags.mark_flag_as_required('workdir')
+from train.progress import say
 
 RUNS_FILE = 'runs.jsonl'
 SUMMARY_FILE = 'summary.json'
@@ -263,29 +255,28 @@ def sweep(config, workdir: str, shard: tuple[int, int] = (0, 1),
     if p.name in done:
       check_finished(done[p.name], p.config, workdir)
   todo = [p for p in mine if p.name not in done]
-  print(f'sweep: {len(points)} runs in the grid, {len(mine)} in shard {shard[0]}/{shard[1]}, '
-        f'{len(todo)} to run', flush=True)
+  say(f'sweep: {len(points)} runs in the grid, {len(mine)} in shard {shard[0]}/{shard[1]}, '
+      f'{len(todo)} to run')
   if todo:
-    print(plan(todo), flush=True)
-  peak = config.train.peak_flops
-  if todo and not peak:  # measured once for the sweep, not at the start of every run
-    peak = perf.measure_peak_flops(config.model.dtype) * jax.device_count()
+    say(plan(todo))
+    # Measured once for the sweep, not at the start of every run.
+    config.train.peak_flops = perf.peak_flops_per_s(config.model.dtype, config.train.peak_flops)
   chief = jax.process_index() == 0
   for i, p in enumerate(todo):
     run_dir = os.path.join(workdir, 'runs', p.name)
     link_corpus(corpus, run_dir)
-    p.config.train.peak_flops = peak
-    print(f'[{i + 1}/{len(todo)}] {p.name}: pattern {p.config.model.pattern}, d_model '
-          f'{p.config.model.d_model}, {p.config.train.num_steps} steps', flush=True)
+    p.config.train.peak_flops = config.train.peak_flops
+    say(f'[{i + 1}/{len(todo)}] {p.name}: pattern {p.config.model.pattern}, d_model '
+        f'{p.config.model.d_model}, {p.config.train.num_steps} steps')
     final = loop.train_and_evaluate(p.config, run_dir)
     if chief:
       append_run(workdir, result_row(p, final))
-  print(f'sweep: {len(todo)} runs in {time.time() - start:.0f}s', flush=True)
+  say(f'sweep: {len(todo)} runs in {time.time() - start:.0f}s')
   done = read_runs(workdir)
   missing = [p.name for p in points if p.name not in done]
   if missing:
-    print(f'sweep: {len(missing)} of {len(points)} runs still to finish (other shards?); once they '
-          f'are, fit and plot with: python -m experiments.scaling --workdir={workdir}')
+    say(f'sweep: {len(missing)} of {len(points)} runs still to finish (other shards?); once they '
+        f'are, fit and plot with: python -m experiments.scaling --workdir={workdir}')
   elif chief:
     analyze(workdir, num_bootstrap)
   return done
@@ -293,18 +284,18 @@ def sweep(config, workdir: str, shard: tuple[int, int] = (0, 1),
 
 def analyze(workdir: str, num_bootstrap: int = 100) -> dict:
   """Fits every law to DIR/runs.jsonl -> DIR/summary.json, and plots them -> DIR/scaling.png."""
-  from experiments import scaling_fits, scaling_plots
+  from experiments.scaling import fits, plots
   runs = list(read_runs(workdir).values())
   if not runs:
     raise SweepError(f'{os.path.join(workdir, RUNS_FILE)} holds no runs; run a sweep there first '
                      f'(--config=experiments/configs/scaling_cpu.py)')
   start = time.time()
-  summary = scaling_fits.summarize(runs, num_bootstrap)
+  summary = fits.summarize(runs, num_bootstrap)
   summary['total_run_wall_s'] = sum(r['wall_s'] for r in runs)
   with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
     json.dump(summary, f, indent=1)
-  scaling_plots.plot_sweep(runs, summary, os.path.join(workdir, PLOT_FILE))
-  print(scaling_fits.describe(summary))
+  plots.plot_sweep(runs, summary, os.path.join(workdir, PLOT_FILE))
+  print(fits.describe(summary))
   print(f'fits and plots in {time.time() - start:.0f}s: {os.path.join(workdir, SUMMARY_FILE)}, '
         f'{os.path.join(workdir, PLOT_FILE)}')
   return summary
@@ -313,7 +304,7 @@ def analyze(workdir: str, num_bootstrap: int = 100) -> dict:
 def compare(workdirs: list[str], out: str, num_bootstrap: int = 100) -> str:
   """One figure of several sweeps' laws, OUT/compare.png; a sweep without summary.json is fitted
   first."""
-  from experiments import scaling_plots
+  from experiments.scaling import plots
   sweeps = []
   for d in workdirs:
     path = os.path.join(d, SUMMARY_FILE)
@@ -325,14 +316,13 @@ def compare(workdirs: list[str], out: str, num_bootstrap: int = 100) -> str:
     sweeps.append((os.path.basename(os.path.normpath(d)), list(read_runs(d).values()), summary))
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, 'compare.png')
-  scaling_plots.plot_compare(sweeps, path)
+  plots.plot_compare(sweeps, path)
   print(f'{len(sweeps)} sweeps compared: {path}')
   return path
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   from train.errors import quiet_libraries
   quiet_libraries()
   f = flags.FLAGS
@@ -341,10 +331,19 @@ def main(argv):
   elif f.config is None:
     analyze(f.workdir, f.bootstrap)
   elif f.dry_run:
-    print(plan(grid(f.config, vocab_size(f.config, f.workdir))))
+    say(plan(grid(f.config, vocab_size(f.config, f.workdir))))
   else:
     sweep(f.config, f.workdir, parse_shard(f.shard), f.bootstrap)
 
 
 if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Sweep config (experiments/configs/scaling_*.py); '
+                                  'without one, the sweep in --workdir is fitted and plotted '
+                                  'again.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Sweep directory: runs/, runs.jsonl, summary.json, plots.')
+  flags.DEFINE_string('shard', '0/1', 'i/n: run every n-th grid point starting from the i-th.')
+  flags.DEFINE_list('compare', [], 'Sweep directories to compare on one figure in --workdir.')
+  flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the fits\' intervals.')
+  flags.DEFINE_bool('dry_run', False, 'Print the grid (N, D, FLOPs of every run) and stop.')
+  flags.mark_flag_as_required('workdir')
   cli.run(main, errors=(SweepError,))

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib import cm
 from matplotlib.figure import Figure
 
-from experiments import scaling_fits
+from experiments.scaling import fits
 
 
 def _column(runs, key) -> np.ndarray:
@@ -40,13 +40,13 @@ def _chinchilla(summary):
   ch = summary['chinchilla']
   if 'skipped' in ch:
     return None
-  return scaling_fits.Law(ch['E'], (ch['A'], ch['B']), (ch['alpha'], ch['beta']))
+  return fits.Law(ch['E'], (ch['A'], ch['B']), (ch['alpha'], ch['beta']))
 
 
 def _one_term(fit, coef: str, exponent: str):
   if 'skipped' in fit:
     return None
-  return scaling_fits.Law(fit['E'], (fit[coef],), (fit[exponent],))
+  return fits.Law(fit['E'], (fit[coef],), (fit[exponent],))
 
 
 def loss_against(ax, runs, summary, x: str, by: str) -> None:
@@ -83,7 +83,7 @@ def loss_against_compute(ax, runs, summary, color=None, label=None) -> None:
     ax.plot(_column(of_n, 'C'), _column(of_n, 'loss'), 'o-', color=color if color is not None
             else c, alpha=0.35 if color is not None else 1.0, ms=3, lw=0.8,
             label=None if color is not None else f'N = {_short(n)}')
-  env = scaling_fits.envelope(runs)
+  env = fits.envelope(runs)
   ax.plot(_column(env, 'C'), _column(env, 'loss'), 's-', color=color or 'k', ms=4, lw=1.5,
           label=f'{label + ": " if label else ""}envelope')
   fr = summary['frontier']
@@ -104,7 +104,7 @@ def loss_against_compute(ax, runs, summary, color=None, label=None) -> None:
 def isoflop(ax, runs) -> None:
   """The IsoFLOP profiles: loss against N at fixed compute, interpolated from the grid, with
   their parabolas and minima."""
-  profiles = scaling_fits.isoflop_profiles(runs)
+  profiles = fits.isoflop_profiles(runs)
   for color, p in zip(_colors(len(profiles)), profiles):
     ns = _span(p['N'])
     ax.plot(p['N'], p['loss'], 'o', color=color, ms=3)
@@ -147,7 +147,7 @@ def constants(ax, summary) -> None:
   """The fitted constants with their 95% bootstrap intervals, as text."""
   ax.axis('off')
   lines = [textwrap.fill(line, 64, subsequent_indent='    ')
-           for line in scaling_fits.describe(summary).splitlines()]
+           for line in fits.describe(summary).splitlines()]
   ax.text(0.0, 1.0, '\n'.join(lines), va='top', ha='left', family='monospace', fontsize=7,
           transform=ax.transAxes)
   ax.set_title('fits, 95% bootstrap intervals')

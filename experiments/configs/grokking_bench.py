@@ -1,0 +1,17 @@
+"""The grokking train step timed three ways (experiments/grokking/bench.py), on Nanda et al.'s
+config: a + b mod 113, 30% of the table, width 128.
+
+  python -m experiments.grokking.bench --workdir=runs/grokking_bench
+
+Each timed call runs train.steps_per_call full-batch steps; five interleaved repeats, the median
+per case (`repeats`).
+"""
+
+from experiments.configs import grokking_nanda2023
+
+
+def get_config():
+  c = grokking_nanda2023.get_config()
+  c.train.steps_per_call = 10
+  c.repeats = 5
+  return c
