@@ -126,6 +126,21 @@ class Preempted(Exception):
   """Stands in for a kill: the process dies between two checkpoints."""
 
 
+def train_until_killed(config, workdir, step, monkeypatch):
+  """Trains in `workdir` and dies right after writing the metrics row of `step`."""
+  write = MetricWriter.write
+
+  def write_then_die(self, s, metrics):
+    write(self, s, metrics)
+    if s == step:
+      raise Preempted
+
+  monkeypatch.setattr(MetricWriter, 'write', write_then_die)
+  with pytest.raises(Preempted):
+    train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+
+
 def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path, monkeypatch):
   config = run_config(tfds_dir, train=dict(num_steps=40, checkpoint_every=20, eval_every=0,
                                            log_every=5, steps_per_call=5))
@@ -133,17 +148,7 @@ def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path, monkeypatch):
   train_and_evaluate(config, whole)
 
   split = str(tmp_path / 'split')
-  write = MetricWriter.write
-
-  def write_then_die(self, step, metrics):
-    write(self, step, metrics)
-    if step == 30:
-      raise Preempted
-
-  monkeypatch.setattr(MetricWriter, 'write', write_then_die)
-  with pytest.raises(Preempted):
-    train_and_evaluate(config, split)
-  monkeypatch.undo()
+  train_until_killed(config, split, 30, monkeypatch)
   assert sorted(os.listdir(os.path.join(split, 'checkpoints'))) == ['20']
   assert read_metrics(split)[-1]['step'] == 30  # logged past the checkpoint, then killed
   final = train_and_evaluate(config, split)   # the same command again resumes from step 20
@@ -201,17 +206,7 @@ def tensorboard_scalars(workdir, tag):
 def test_resumed_runs_tensorboard_holds_each_step_once(tfds_dir, tmp_path, monkeypatch):
   config = run_config(tfds_dir, train=dict(num_steps=40, checkpoint_every=20, eval_every=0))
   workdir = str(tmp_path / 'run')
-  write = MetricWriter.write
-
-  def write_then_die(self, step, metrics):
-    write(self, step, metrics)
-    if step == 30:
-      raise Preempted
-
-  monkeypatch.setattr(MetricWriter, 'write', write_then_die)
-  with pytest.raises(Preempted):
-    train_and_evaluate(config, workdir)
-  monkeypatch.undo()
+  train_until_killed(config, workdir, 30, monkeypatch)
   train_and_evaluate(config, workdir)
   rows = [(r['step'], r['train_loss']) for r in read_metrics(workdir) if 'train_loss' in r]
   assert [s for s, _ in rows] == [10, 20, 30, 40]
