@@ -27,7 +27,8 @@ setup(
         'array-record>=0.8',
         'grain>=0.2.18',
         'importlib_resources',           # TFDS's catalog builders (tiny_shakespeare) import it
-        'tensorboardX>=2.6',
+        'tensorboardX>=2.6',             # writes the event files
+        'tensorboard>=2.17',             # `tensorboard --logdir runs/` reads them
         'matplotlib>=3.8',
         'scipy>=1.11',
         'threadpoolctl>=3.1',            # one BLAS thread for the scaling fits' tiny problems
