@@ -105,8 +105,17 @@ def read_metrics(workdir):
 
 def test_training_on_shakespeare_lowers_the_loss_and_writes_its_outputs(tfds_dir, tmp_path):
   workdir = str(tmp_path / 'run')
-  final = train_and_evaluate(run_config(tfds_dir), workdir)
+  seen = []
+
+  def embedding_norm(params, step):  # an evaluator: its metrics join each evaluation's row
+    seen.append(step)
+    return {'embedding_norm': float(jnp.linalg.norm(params['token_embedding']))}
+
+  final = train_and_evaluate(run_config(tfds_dir), workdir, evaluators=[embedding_norm])
   rows = read_metrics(workdir)
+  assert seen == [20, 40] and [r['step'] for r in rows if 'embedding_norm' in r] == [20, 40]
+  np.testing.assert_allclose(final['embedding_norm'], np.linalg.norm(
+      np.asarray(load_run(workdir).params['token_embedding'])), rtol=1e-5)  # the final params
   train_losses = [r['train_loss'] for r in rows if 'train_loss' in r]
   assert [r['step'] for r in rows if 'train_loss' in r] == [10, 20, 30, 40]
   assert train_losses[-1] < train_losses[0] - 0.5          # from ~4.1 (uniform) downwards

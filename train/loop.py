@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import flax.linen as nn
 from flax import traverse_util
@@ -116,10 +116,13 @@ def flatten_layer_metrics(tree, prefix: str = 'layers') -> dict:
   return flat
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       evaluators: Sequence[Callable] = ()) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final validation metrics. Each of
+  `evaluators`, `fn(params, step) -> dict`, runs at every evaluation (the periodic ones and the
+  last) and its metrics join the validation metrics in that step's row."""
   start_time = time.time()
-  run = Run(config, workdir)
+  run = Run(config, workdir, evaluators)
   try:
     final = run.train()
   finally:  # also on errors and interruptions: finish the checkpoint in flight, flush the logs
@@ -186,8 +189,10 @@ class Run:
   Every check runs before anything is written: a refused config leaves the work directory as it
   found it (or absent)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               evaluators: Sequence[Callable] = ()):
     tc, dc = config.train, config.data
+    self.evaluators = tuple(evaluators)
     self.chief = jax.process_index() == 0
     self.workdir = workdir
     self.lock = None
@@ -256,6 +261,14 @@ class Run:
     self.progress = Progress(tc.num_steps, int(self.state.step), enabled=self.chief)
 
   def evaluate(self, max_batches: int) -> dict:
+    """The validation metrics on `max_batches` batches (all when negative), and the
+    evaluators'."""
+    metrics = self._validation(max_batches)
+    for evaluator in self.evaluators:
+      metrics.update(evaluator(self.state.params, int(self.state.step)))
+    return metrics
+
+  def _validation(self, max_batches: int) -> dict:
     dc, tc = self.config.data, self.config.train
     if self.eval_compiled is None:
       batch_BxL = jax.ShapeDtypeStruct((tc.eval_batch_size, dc.seq_len), jnp.int32,
