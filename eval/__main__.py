@@ -1,8 +1,9 @@
 """python -m eval --workdir=DIR [--step=N] [--config.train.eval_batch_size=...]
 
-The validation loss of a run's checkpoint (the latest by default) on the whole validation split:
-loss (nats per token), perplexity, bits per character and byte, printed and written to
-DIR/eval.json. --config is the run's own config, whose values `--config.x.y=...` overrides.
+The validation metrics of a run's checkpoint (the latest by default) on the whole validation
+split, those of its objective (train/objectives/: for a language model the loss in nats per
+token, perplexity, bits per character and byte), printed and written to DIR/eval.json. --config is
+the run's own config, whose values `--config.x.y=...` overrides.
 """
 
 import json
@@ -23,24 +24,20 @@ def main(argv):
   import jax
 
   from eval.restore import load_run
-  from train import workdir as workdir_lib
   from train.errors import quiet_libraries
-  from train.evaluate import evaluate
-  from train.loop import sharded_eval_step
+  from train.evaluate import compile_eval_step, evaluate
   quiet_libraries()
   f = flags.FLAGS
   run = load_run(f.workdir, f.step, f.config)
-  _, _, val_split = workdir_lib.prepare_data(run.config, f.workdir, write=False)
-  shardings = jax.tree.map(lambda x: x.sharding, run.params)
-  eval_step = sharded_eval_step(run.model, run.mesh, shardings)
-  result = evaluate(eval_step, run.params, val_split, run.config.data.seq_len,
-                    run.config.train.eval_batch_size, run.mesh)
+  data = run.objective.data(f.workdir, None)
+  eval_step = compile_eval_step(run.objective.eval_fn(run.model), run.objective.eval_spec(),
+                                run.mesh, run.params, run.frozen)
+  result = evaluate(eval_step, run.params, run.frozen, run.objective, data, run.mesh)
   result['step'] = run.step
   if jax.process_index() == 0:
-    print(f'step {run.step}: val_loss {result["val_loss"]:.4f}  '
-          f'perplexity {result["val_perplexity"]:.3f}  '
-          f'bits/char {result["val_bits_per_char"]:.4f}  '
-          f'bits/byte {result["val_bits_per_byte"]:.4f}  ({result["val_tokens"]:,} tokens)')
+    print(f'step {run.step}: ' + '  '.join(
+        f'{k} {v:,}' if isinstance(v, int) else f'{k} {v:.4f}' for k, v in result.items()
+        if k != 'step'))
     with open(os.path.join(f.workdir, 'eval.json'), 'w') as out:
       json.dump(result, out, indent=1)
 

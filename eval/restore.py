@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import Any
+
+import flax.linen as nn
+import jax
 import ml_collections
 
 from model import LM, ModelConfig
 from train import checkpoint as ckpt_lib
 from train import mesh as mesh_lib
 from train import tokenizers, workdir as workdir_lib
-from train.loop import abstract_params
 
 
 @dataclasses.dataclass
@@ -19,15 +22,24 @@ class TrainedRun:
   model_cfg: ModelConfig
   model: LM
   tokenizer: tokenizers.Tokenizer
-  params: dict
+  params: dict          # what the model applies (a LoRA run's adapters merged into its base)
   step: int
   mesh: object
+  frozen: Any = None    # the objective's reference parameters (DPO), when it has one
+  template: Any = None  # the chat template of a post-trained run (train/chat.py)
+  objective: Any = None
+  head: str = 'logits'
 
 
 def load_run(workdir: str, step: int | None = None,
              config: ml_collections.ConfigDict | None = None) -> TrainedRun:
   """The run's config (`config` when given: the saved one with a command's overrides),
-  tokenizer and parameters at `step` (default: the latest checkpoint)."""
+  tokenizer and parameters at `step` (default: the latest checkpoint). A run whose objective
+  reads frozen parameters (LoRA's base, DPO's reference) reads them from the run it started from,
+  as training does (train/state.py)."""
+  from train import objectives
+  from train.chat import ChatTemplate
+  from train.state import Layout, StartRun
   config = config if config else workdir_lib.load_config(workdir)
   if config is None:
     raise workdir_lib.RunError(f'{workdir} holds no run (no {workdir_lib.CONFIG_FILE}); train one '
@@ -35,6 +47,11 @@ def load_run(workdir: str, step: int | None = None,
   tokenizer = tokenizers.load(f'{workdir}/tokenizer')
   model_cfg = workdir_lib.resolve_model_config(config.model, tokenizer.vocab_size)
   model = LM(model_cfg)
+  objective = objectives.make(config)
+  lora = config.lora if config.lora.rank > 0 else None
+  start = (StartRun(config.train.init_from, config)
+           if objective.reference or lora is not None else None)
+  layout = Layout(model, objective.head, start, objective.reference, lora)
   mesh = mesh_lib.make_mesh(config.mesh) if _fits(config.mesh) else mesh_lib.make_mesh(
       {'data': -1, 'fsdp': 1, 'tensor': 1, 'expert': 1})
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
@@ -42,8 +59,10 @@ def load_run(workdir: str, step: int | None = None,
   if step is None:
     raise workdir_lib.RunError(f'{workdir} has no checkpoint yet; train longer than '
                                f'train.checkpoint_every steps or until the end')
+  boxed = jax.eval_shape(layout.init_trainable, jax.random.key(0))
   try:
-    params, _, _ = checkpointer.restore(step, abstract_params(model, mesh))
+    params, _, _ = checkpointer.restore(step, ckpt_lib.abstract_like(
+        nn.unbox(boxed), mesh_lib.logical_shardings(boxed, mesh)))
   except Exception as e:  # orbax raises many kinds for unreadable files  # noqa: BLE001
     earlier = [s for s in checkpointer.manager.all_steps() if s < step]
     raise workdir_lib.RunError(
@@ -53,7 +72,13 @@ def load_run(workdir: str, step: int | None = None,
            if earlier else '')) from e
   finally:
     checkpointer.close()
-  return TrainedRun(config, model_cfg, model, tokenizer, params, step, mesh)
+  frozen = None
+  if layout.has_frozen:
+    frozen = start.params(ckpt_lib.abstract_like(
+        nn.unbox(layout.started), mesh_lib.logical_shardings(layout.started, mesh)))
+  return TrainedRun(config, model_cfg, model, tokenizer, layout.model_params(params, frozen),
+                    step, mesh, frozen, ChatTemplate.load(f'{workdir}/tokenizer'), objective,
+                    objective.head)
 
 
 def _fits(mesh_cfg) -> bool:

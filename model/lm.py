@@ -24,9 +24,12 @@ class LM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, *, decode: bool = False,
-               deterministic: bool = True, last_only: bool = False):
+               deterministic: bool = True, last_only: bool = False, head: str = 'logits'):
     """Logits (B, L, V) in float32; with `last_only`, logits of the last position only (B, 1, V),
-    which is all that sampling and answer-only losses need."""
+    which is all that sampling and answer-only losses need. With head='scalar', one float32
+    score per position (B, L) from a linear head on the final hidden state instead (a reward
+    model's or a value function's), its parameters 'scalar_head' created by the first such
+    call."""
     cfg = self.config
     dtype = compute_dtype(cfg)
     B, L = tokens_BxL.shape
@@ -51,6 +54,14 @@ class LM(nn.Module):
                     name='blocks')(x_BxLxD, positions_BxL)
     x_BxLxD = Norm(cfg, name='final_norm')(x_BxLxD)
 
+    if head == 'scalar':
+      kernel_D = self.param('scalar_head', param_init(normal(cfg.init_std), ('embed',)),
+                            (cfg.d_model,), jnp.float32)
+      bias = self.param('scalar_head_bias', param_init(nn.initializers.zeros, ()), (),
+                        jnp.float32)
+      return jnp.einsum('bld,d->bl', x_BxLxD.astype(jnp.float32), kernel_D) + bias
+    if head != 'logits':
+      raise ValueError(f'head={head!r}: choose logits or scalar')
     if cfg.tie_embeddings:
       head_VxD = embedding
     else:

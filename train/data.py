@@ -265,20 +265,25 @@ def _to_batch(windows_BxL1: np.ndarray) -> dict[str, np.ndarray]:
   return {'inputs': windows_BxL1[:, :-1], 'targets': windows_BxL1[:, 1:]}
 
 
-def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """Infinite batches {'inputs', 'targets'} of (batch_size / process_count, seq_len): this
-  process's rows of each global batch, and only those are read. The shuffled stream of windows
-  (reshuffled every epoch) is cut into blocks of batch_size / process_count rows; global batch i
-  is blocks i * P .. i * P + P - 1 and process p reads block i * P + p, so the data order does not
-  depend on the number of processes."""
+def process_blocks(source, batch_size: int, seed: int, process_index: int = 0,
+                   process_count: int = 1) -> grain.MapDataset:
+  """Infinite batches of `source`'s rows (random access), stacked: this process's rows of each
+  global batch, and only those are read. The shuffled rows (reshuffled every epoch) are cut into
+  blocks of batch_size / process_count; global batch i is blocks i * P .. i * P + P - 1 and
+  process p reads block i * P + p, so the data order does not depend on the number of processes."""
   if batch_size % process_count:
     raise DataError(f'train.batch_size={batch_size} is not divisible by the {process_count} '
                     f'processes; each loads an equal share')
-  windows = grain.MapDataset.source(PackedSequences(tokens, seq_len))
-  blocks = windows.shuffle(seed=seed).repeat().batch(batch_size // process_count,
-                                                     batch_fn=np.stack)
-  return blocks[process_index::process_count].map(_to_batch)
+  rows = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  return rows.batch(batch_size // process_count)[process_index::process_count]
+
+
+def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Infinite batches {'inputs', 'targets'} of (batch_size / process_count, seq_len), this
+  process's rows (`process_blocks`) of the stream's windows."""
+  return process_blocks(PackedSequences(tokens, seq_len), batch_size, seed, process_index,
+                        process_count).map(_to_batch)
 
 
 class BatchIterator:

@@ -1,39 +1,44 @@
-"""Validation metrics of a split: loss (nats per token), perplexity, bits per character and byte."""
+"""Validation metrics of a run: its objective's evaluation, compiled once over the mesh and run
+over the validation batches (the first `max_batches`, or all of them)."""
 
 from __future__ import annotations
 
-import math
-
 import jax
+import numpy as np
 
-from train import data as data_lib
 from train import mesh as mesh_lib
-from train.progress import bar
+from train.objectives import Objective
+from train.progress import bar, phase
 
 
-def evaluate(eval_step, params, split: data_lib.Split, seq_len: int, batch_size: int, mesh,
+def compile_eval_step(eval_fn, spec: dict, mesh, params, frozen):
+  """`eval_fn(params, frozen, batch) -> sums` as one jit over the mesh (the logical-axis rules
+  active), compiled for batches of `spec` ({name: (global shape, dtype)}, an objective's
+  eval_spec) with the shardings of `params` and `frozen`; the sums come out replicated."""
+  sharding = mesh_lib.batch_sharding(mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, (params, frozen))
+  step = mesh_lib.jit(eval_fn, mesh, in_shardings=(*shardings, sharding),
+                      out_shardings=mesh_lib.replicated(mesh))
+  batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+           for name, (shape, dtype) in spec.items()}
+  with phase('compiling the evaluation step'):
+    return step.lower(params, frozen, batch).compile()
+
+
+def evaluate(eval_step, params, frozen, objective: Objective, data, mesh,
              max_batches: int = -1) -> dict[str, float]:
-  """Runs the compiled `eval_step(params, batch) -> (loss sum, tokens)` over the split (the first
-  `max_batches` batches, or all of it when negative), in global batches of `batch_size` rows laid
-  out on `mesh`: this process loads only its block of each batch's rows.
-
-  Bits per character/byte scale the loss by the split's tokens per character/byte, so they
-  compare across tokenizers."""
+  """The objective's validation metrics over its evaluation batches, laid out on `mesh`: this
+  process loads only its block of each batch's rows."""
+  batch_size = objective.config.train.eval_batch_size
   mesh_lib.check_batch(batch_size, mesh, 'train.eval_batch_size')
   sharding = mesh_lib.batch_sharding(mesh)
-  batches = data_lib.eval_batches(split.tokens, seq_len, batch_size, max_batches,
-                                  *mesh_lib.process_batch_block(mesh))
-  num_batches = data_lib.num_eval_batches(split.tokens, seq_len, batch_size, max_batches)
-  total = count = 0.0
-  for batch in bar(batches, num_batches, 'evaluating on the whole validation split')\
-      if max_batches < 0 else batches:
-    loss_sum, tokens = jax.device_get(eval_step(params, mesh_lib.put_batch(batch, sharding)))
-    total += float(loss_sum)
-    count += float(tokens)
-  loss = total / count
-  tokens_in_split = len(split.tokens)
-  return {'val_loss': loss,
-          'val_perplexity': math.exp(min(loss, 700.0)),
-          'val_bits_per_char': loss * tokens_in_split / split.num_chars / math.log(2),
-          'val_bits_per_byte': loss * tokens_in_split / split.num_bytes / math.log(2),
-          'val_tokens': int(count)}
+  batches = objective.eval_batches(data, max_batches, *mesh_lib.process_batch_block(mesh))
+  if max_batches < 0:
+    batches = bar(batches, objective.num_eval_batches(data, max_batches),
+                  'evaluating on the whole validation split')
+  sums = {}
+  for batch in batches:
+    out = jax.device_get(eval_step(params, frozen, mesh_lib.put_batch(batch, sharding)))
+    for name, value in out.items():
+      sums[name] = sums.get(name, 0.0) + float(np.asarray(value))
+  return objective.summarize(sums, data)

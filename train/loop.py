@@ -27,36 +27,45 @@ from train import checkpoint as ckpt_lib
 from train import config as config_lib
 from train import data as data_lib
 from train import mesh as mesh_lib
-from train import optim, perf, step as step_lib, tokenizers, workdir as workdir_lib
+from train import objectives, optim, perf, step as step_lib, workdir as workdir_lib
 from train.checkpoint import NonFiniteError
-from train.evaluate import evaluate
+from train.evaluate import compile_eval_step, evaluate
 from train.metric_writer import MetricWriter
 from train.preemption import Interrupted, StopRequest
 from train.progress import Progress, phase
+from train.state import Layout, StartRun, union
 
 
-def _init_fn(model: LM, optimizer, seed: int):
-  """() -> the initial TrainState, its parameters (and so its optimizer state) boxed with logical
-  axis names: optax maps over the boxes, so one rules table shards both."""
+def _init_fn(layout: Layout, optimizer, seed: int):
+  """() -> the initial TrainState with zeros for its frozen parameters (`Layout`), every array
+  boxed with logical axis names: optax maps over the boxes, so one rules table shards the
+  parameters and their optimizer state alike."""
   def init():
-    params = model.init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))['params']
-    return step_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    params = layout.init_trainable(jax.random.key(seed))
+    frozen = layout.abstract_frozen()
+    if frozen is not None:  # read from the start run afterwards; zeros give the layout
+      frozen = jax.tree.map(lambda box: box.replace_boxed(jnp.zeros(box.value.shape,
+                                                                    box.value.dtype)),
+                            frozen, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return step_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), frozen)
   return init
 
 
-def state_shardings(model: LM, optimizer, mesh):
+def state_shardings(model: LM, optimizer, mesh, layout: Layout | None = None):
   """The train state's NamedShardings on `mesh`. A parameter dimension that the mesh does not
   divide fails here, before anything compiles."""
-  abstract = jax.eval_shape(_init_fn(model, optimizer, seed=0))
-  mesh_lib.check_params(abstract.params, mesh)
+  abstract = jax.eval_shape(_init_fn(layout or Layout(model), optimizer, seed=0))
+  mesh_lib.check_params((abstract.params, abstract.frozen), mesh)
   return mesh_lib.logical_shardings(abstract, mesh)
 
 
-def init_state(model: LM, optimizer, mesh, seed: int, shardings=None):
+def init_state(model: LM, optimizer, mesh, seed: int, shardings=None,
+               layout: Layout | None = None):
   """The train state created on the mesh with its shardings (`state_shardings`'s unless given):
-  (state, shardings)."""
-  shardings = shardings or state_shardings(model, optimizer, mesh)
-  init = _init_fn(model, optimizer, seed)
+  (state, shardings). Its frozen parameters, if the layout has any, are zeros until read."""
+  layout = layout or Layout(model)
+  shardings = shardings or state_shardings(model, optimizer, mesh, layout)
+  init = _init_fn(layout, optimizer, seed)
   # Compiled without XLA's backend optimisations: it runs once, and optimising the random
   # initialisers of a large tree takes seconds.
   init = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings).lower()
@@ -70,21 +79,6 @@ def sharded_multi_step(train_step, mesh, shardings):
   return mesh_lib.jit(step_lib.make_multi_step(train_step), mesh,
                       in_shardings=(shardings, mesh_lib.batch_sharding(mesh, leading_axes=1)),
                       out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
-
-
-def sharded_eval_step(model: LM, mesh, param_shardings):
-  """`make_eval_step(model)` as one jit over the mesh (the rules active), batches split over the
-  batch axes, the sums replicated."""
-  return mesh_lib.jit(step_lib.make_eval_step(model), mesh,
-                      in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh)),
-                      out_shardings=mesh_lib.replicated(mesh))
-
-
-def abstract_params(model: LM, mesh):
-  """ShapeDtypeStructs of the parameters with their shardings: the target of a restore."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-  boxed = boxed['params']
-  return ckpt_lib.abstract_like(nn.unbox(boxed), mesh_lib.logical_shardings(boxed, mesh))
 
 
 def bytes_per_device(tree) -> int:
@@ -135,52 +129,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return final
 
 
-def _checked_data(config: ml_collections.ConfigDict, workdir: str, init_run):
-  """(tokenizer, train Split, validation Split, whether they were built now): the work
-  directory's, else built in memory from the corpus with `init_run`'s tokenizer when there is one.
-  On several processes, process 0 first (it writes them once every check has passed); the others
-  then read them, or build the same ones where the directory is not shared."""
-  chief = jax.process_index() == 0
-  if not chief:
+def _checked_data(objective, workdir: str, start):
+  """The objective's data (train.objectives.base.Data): the work directory's, else built in
+  memory (with the start run's tokenizer when there is one). On several processes, process 0
+  first (it writes what it built once every check has passed); the others then read it, or
+  build the same where the directory is not shared."""
+  if jax.process_index() != 0:
     multihost_utils.sync_global_devices('data prepared')
-  prepared = workdir_lib.load_data(workdir)
-  if prepared is not None:
-    return (*prepared, False)
-  tokenizer = init_run.tokenizer if init_run is not None else None
-  return (*workdir_lib.build_data(config, tokenizer), chief)
-
-
-class InitRun:
-  """The run `train.init_from` names: its config, tokenizer and latest checkpoint, read only."""
-
-  def __init__(self, directory: str, config: ml_collections.ConfigDict):
-    self.directory = directory
-    self.config = workdir_lib.load_config(directory)
-    if self.config is None:
-      raise workdir_lib.RunError(f'train.init_from={directory} holds no run (no '
-                                 f'{workdir_lib.CONFIG_FILE}); give the --workdir of a trained run')
-    diffs = workdir_lib.model_differences(self.config.model.to_dict(), config.model.to_dict())
-    diffs += workdir_lib.differences(self.config.to_dict(), config.to_dict(),
-                                     ['data.tokenizer', 'data.vocab_size'])
-    if diffs:
-      raise workdir_lib.RunError(
-          f'train.init_from={directory} holds a run of another model shape or tokenizer, so its '
-          f'parameters do not fit this config: ' + '; '.join(diffs)
-          + '. Give this run the model and tokenizer settings of that one.')
-    self.tokenizer = tokenizers.load(os.path.join(directory, 'tokenizer'))
-    checkpointer = ckpt_lib.Checkpointer(directory, read_only=True)
-    self.step = checkpointer.latest_step()
-    checkpointer.close()
-    if self.step is None:
-      raise workdir_lib.RunError(f'train.init_from={directory} has no checkpoint yet; train it '
-                                 f'first (or longer than train.checkpoint_every steps)')
-
-  def params(self, abstract_params):
-    checkpointer = ckpt_lib.Checkpointer(self.directory, read_only=True)
-    try:
-      return checkpointer.restore(self.step, abstract_params)[0]
-    finally:
-      checkpointer.close()
+    data = objective.data(workdir, start)
+    data.built = False  # process 0 saves
+    return data
+  return objective.data(workdir, start)
 
 
 class Run:
@@ -206,14 +165,20 @@ class Run:
     saved = workdir_lib.load_config(workdir)
     if saved is not None:
       workdir_lib.check_compatible(saved, config, workdir)
-    init_run = (InitRun(tc.init_from, config)
-                if tc.init_from and not ckpt_lib.has_checkpoint(workdir) else None)
-    tokenizer, train_split, self.val_split, built = _checked_data(config, workdir, init_run)
-    self.model_cfg = workdir_lib.resolve_model_config(config.model, tokenizer.vocab_size)
+    self.objective = objectives.make(config)
+    resuming = ckpt_lib.has_checkpoint(workdir)
+    needs_frozen = self.objective.reference or config.lora.rank > 0
+    start = (StartRun(tc.init_from, config)
+             if tc.init_from and (not resuming or needs_frozen) else None)
+    self.data = _checked_data(self.objective, workdir, start)
+    self.model_cfg = workdir_lib.resolve_model_config(config.model,
+                                                      self.data.tokenizer.vocab_size)
     check_context(self.model_cfg, dc.seq_len, 'data.seq_len')
-    model = LM(self.model_cfg)
+    self.model = model = LM(self.model_cfg)
+    self.layout = Layout(model, self.objective.head, start, self.objective.reference,
+                         config.lora if config.lora.rank > 0 else None)
     optimizer = optim.make_optimizer(tc)
-    shardings = state_shardings(model, optimizer, self.mesh)  # a mesh that splits no dimension
+    shardings = state_shardings(model, optimizer, self.mesh, self.layout)  # the mesh fits
 
     # Checked: from here on the run writes.
     self.config = config = ml_collections.ConfigDict(config.to_dict())
@@ -223,13 +188,21 @@ class Run:
     if self.chief:
       os.makedirs(workdir, exist_ok=True)
       self.lock = workdir_lib.Lock(workdir)
-      if built:
-        workdir_lib.save_data(workdir, tokenizer, train_split, self.val_split)
+      if self.data.built:
+        self.objective.save(workdir, self.data)
       workdir_lib.save_config(config, workdir)
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices('data prepared')
 
-    self.state, _ = init_state(model, optimizer, self.mesh, tc.seed, shardings)
+    self.state, _ = init_state(model, optimizer, self.mesh, tc.seed, shardings, self.layout)
+    if start is not None:  # the started parameters: frozen, trained, or both (Layout)
+      started = start.params(ckpt_lib.abstract_like(
+          nn.unbox(self.layout.started), mesh_lib.logical_shardings(self.layout.started,
+                                                                    self.mesh)))
+      if self.layout.has_frozen:
+        self.state = self.state.replace(frozen=started)
+      if not self.layout.rank:
+        self.state = self.state.replace(params=union(self.state.params, started))
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
     restored = self.checkpointer.restore_latest(
         ckpt_lib.abstract_like(self.state.params, shardings.params),
@@ -237,24 +210,25 @@ class Run:
     data_start, self.started_from = 0, None
     if restored is not None:
       step, params, opt_state, data_state = restored
-      self.state = step_lib.TrainState(jnp.asarray(step, jnp.int32), params, opt_state)
+      self.state = self.state.replace(step=jnp.asarray(step, jnp.int32), params=params,
+                                      opt_state=opt_state)
       data_start = data_state['next_index']
-    elif init_run is not None:
-      params = init_run.params(ckpt_lib.abstract_like(self.state.params, shardings.params))
-      self.state = self.state.replace(params=params)
-      self.started_from = f'the parameters of {init_run.directory} at step {init_run.step}'
+    elif start is not None:
+      self.started_from = f'the parameters of {start.directory} at step {start.step}'
     self.writer = MetricWriter(workdir, start_step=int(self.state.step), enabled=self.chief)
     self.iterator = data_lib.BatchIterator(
-        data_lib.train_dataset(train_split.tokens, dc.seq_len, tc.batch_size, tc.seed,
-                               *mesh_lib.process_batch_block(self.mesh)), start=data_start)
+        self.objective.train_dataset(self.data, *mesh_lib.process_batch_block(self.mesh)),
+        start=data_start)
 
-    train_step = step_lib.make_train_step(model, optimizer, optim.learning_rate_schedule(tc),
-                                          tc.seed, tc.grad_accum_steps)
+    loss_fn = self.objective.loss_fn(model)
+    train_step = step_lib.make_train_step(
+        model, optimizer, optim.learning_rate_schedule(tc), tc.seed, tc.grad_accum_steps,
+        loss_fn=lambda params, batch, rng, frozen: loss_fn(
+            self.layout.model_params(params, frozen), batch, rng, frozen))
     self.steps_sharding = mesh_lib.batch_sharding(self.mesh, leading_axes=1)
     self.multi_step = sharded_multi_step(train_step, self.mesh, shardings)
     self.compiled = {}  # steps per call -> the compiled multi-step
     self.compile_s = 0.0
-    self.eval_step = sharded_eval_step(model, self.mesh, shardings.params)
     self.eval_compiled = None
     self.flops_per_token = training_flops_per_token(self.model_cfg, dc.seq_len)
     self.peak = perf.peak_flops_per_s(self.model_cfg.dtype, tc.peak_flops)
@@ -265,20 +239,22 @@ class Run:
     evaluators'."""
     metrics = self._validation(max_batches)
     for evaluator in self.evaluators:
-      metrics.update(evaluator(self.state.params, int(self.state.step)))
+      metrics.update(evaluator(self.model_params(), int(self.state.step)))
     return metrics
 
+  def model_params(self):
+    """The parameters the model applies now (LoRA's merged with the base)."""
+    return self.layout.model_params(self.state.params, self.state.frozen)
+
   def _validation(self, max_batches: int) -> dict:
-    dc, tc = self.config.data, self.config.train
     if self.eval_compiled is None:
-      batch_BxL = jax.ShapeDtypeStruct((tc.eval_batch_size, dc.seq_len), jnp.int32,
-                                       sharding=mesh_lib.batch_sharding(self.mesh))
-      batch = {'inputs': batch_BxL, 'targets': batch_BxL, 'weights': batch_BxL.update(
-          dtype=jnp.float32)}
-      with phase('compiling the evaluation step'):
-        self.eval_compiled = self.eval_step.lower(self.state.params, batch).compile()
-    return evaluate(self.eval_compiled, self.state.params, self.val_split, dc.seq_len,
-                    tc.eval_batch_size, self.mesh, max_batches)
+      eval_fn = self.objective.eval_fn(self.model)
+      self.eval_compiled = compile_eval_step(
+          lambda params, frozen, batch: eval_fn(self.layout.model_params(params, frozen),
+                                                frozen, batch),
+          self.objective.eval_spec(), self.mesh, self.state.params, self.state.frozen)
+    return evaluate(self.eval_compiled, self.state.params, self.state.frozen, self.objective,
+                    self.data, self.mesh, max_batches)
 
   def report_start(self) -> None:
     counts = count_params(self.model_cfg)
@@ -332,7 +308,7 @@ class Run:
     """The loop. Each call is dispatched, then the next call's batches are prepared and placed
     while the device computes, and only then are the call's metrics read back."""
     tc = self.config.train
-    tokens_per_step = tc.batch_size * self.config.data.seq_len
+    tokens_per_step = tc.batch_size * self.objective.tokens_per_example()
     self.report_start()
     step = int(self.state.step)
     sizes = self._call_sizes(step)

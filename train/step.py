@@ -1,9 +1,18 @@
 """Pure functions of one training step, several steps, and one evaluation batch.
 
-Batches are dicts of (B, L) arrays: 'inputs', 'targets' and optionally 'weights' (the loss mask;
-grokking puts weight only on the answer token). The step returns scalar metrics plus the model's
-per-layer 'metrics' collection (e.g. MoE expert shares), all as arrays so `lax.scan` can stack
-them across steps.
+A loss function (an objective's, train/objectives/) is
+
+    loss_fn(params, batch, rng, frozen) -> (loss_sum, aux)
+
+with aux = {'weight': what the sums are over (tokens, pairs, sequences), 'sums': {metric: its sum
+over the batch}, 'layers': the model's per-layer metrics collection}. The step follows the
+gradient of loss_sum / weight and reports each metric as sum / weight ('loss' among them): sums,
+not means, so that micro-batches add up to the full batch exactly. `frozen` holds parameters that
+are not trained (a reference model, LoRA's base), None when there are none.
+
+Batches are dicts of (B, L) arrays, e.g. 'inputs', 'targets' and optionally 'weights' (the loss
+mask: grokking puts weight only on the answer token, SFT on the assistant's tokens). The step's
+metrics are arrays, so `lax.scan` can stack them across steps.
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ from model.blocks import AUX_LOSS, METRICS
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array      # int32 scalar: optimizer steps taken
-  params: Any
+  params: Any          # what the optimizer trains
   opt_state: Any
+  frozen: Any = None   # parameters the step reads but does not train (not checkpointed)
 
 
 def token_losses(logits_BxLxV, targets_BxL):
@@ -32,28 +42,39 @@ def token_losses(logits_BxLxV, targets_BxL):
                                                          targets_BxL)
 
 
-def _weights(batch):
+def token_log_probs(logits_BxLxV, targets_BxL):
+  """log p(target) per token, in float32. (B, L)."""
+  return -token_losses(logits_BxLxV, targets_BxL)
+
+
+def weights(batch):
+  """The batch's loss mask: 'weights', or ones over the targets."""
   return batch.get('weights', jnp.ones(batch['targets'].shape, jnp.float32))
 
 
-def make_loss_fn(model: nn.Module, dropout: bool, last_only: bool = False):
-  """loss_fn(params, batch, rng) -> (sum of token losses + aux losses * tokens, aux dict).
+def aux_loss_sum(cols) -> jax.Array:
+  """The layers' auxiliary losses (MoE load balancing, z-loss) of one forward pass, summed."""
+  return sum((jnp.sum(x) for x in jax.tree.leaves(cols.get(AUX_LOSS, {}))), jnp.float32(0))
 
-  Returns sums over tokens, not means, so micro-batches add up to the full batch exactly. With
-  `last_only` the loss is the last position's alone (answer-only tasks such as grokking's
-  `a b =` -> `c`), and the model computes no more than that position needs (`LM(last_only)`)."""
-  def loss_fn(params, batch, rng):
+
+def make_loss_fn(model: nn.Module, dropout: bool, last_only: bool = False):
+  """The language-modelling loss: the summed cross-entropy of the weighted targets, plus the
+  layers' auxiliary losses per token. With `last_only` the loss is the last position's alone
+  (answer-only tasks such as grokking's `a b =` -> `c`), and the model computes no more than that
+  position needs (`LM(last_only)`)."""
+  def loss_fn(params, batch, rng, frozen=None):
+    del frozen
     logits, cols = model.apply(
         {'params': params}, batch['inputs'], deterministic=not dropout, last_only=last_only,
         rngs={'dropout': rng} if dropout else {}, mutable=[AUX_LOSS, METRICS])
     if last_only:
       batch = {k: v[:, -1:] for k, v in batch.items() if k in ('targets', 'weights')}
-    weights = _weights(batch)
-    ce_sum = jnp.sum(token_losses(logits, batch['targets']) * weights)
-    tokens = jnp.sum(weights)
-    aux = sum((jnp.sum(x) for x in jax.tree.leaves(cols.get(AUX_LOSS, {}))), jnp.float32(0))
-    return ce_sum + aux * tokens, {'ce_sum': ce_sum, 'tokens': tokens, 'aux_loss': aux,
-                                   'layers': cols.get(METRICS, {})}
+    w = weights(batch)
+    ce_sum = jnp.sum(token_losses(logits, batch['targets']) * w)
+    tokens = jnp.sum(w)
+    aux_sum = aux_loss_sum(cols) * tokens
+    return ce_sum + aux_sum, {'weight': tokens, 'sums': {'loss': ce_sum, 'aux_loss': aux_sum},
+                              'layers': cols.get(METRICS, {})}
   return loss_fn
 
 
@@ -69,7 +90,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
     if grad_accum_steps == 1:
-      (_, aux), grads = grad_fn(state.params, batch, rng)
+      (_, aux), grads = grad_fn(state.params, batch, rng, state.frozen)
     else:
       micro = jax.tree.map(
           lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
@@ -77,24 +98,23 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
       def accumulate(carry, mb_and_index):
         mb, i = mb_and_index
-        (_, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        (_, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), state.frozen)
         return jax.tree.map(jnp.add, carry, (g, aux)), None
 
       aux_shapes = jax.eval_shape(loss_fn, state.params, jax.tree.map(lambda x: x[0], micro),
-                                  rng)[1]
+                                  rng, state.frozen)[1]
       zero = (jax.tree.map(jnp.zeros_like, state.params),
               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
       (grads, aux), _ = jax.lax.scan(accumulate, zero,
                                      (micro, jnp.arange(grad_accum_steps)))
-      aux = dict(aux, aux_loss=aux['aux_loss'] / grad_accum_steps,
-                 layers=jax.tree.map(lambda x: x / grad_accum_steps, aux['layers']))
-    grads = jax.tree.map(lambda g: g / aux['tokens'], grads)
+      aux = dict(aux, layers=jax.tree.map(lambda x: x / grad_accum_steps, aux['layers']))
+    grads = jax.tree.map(lambda g: g / aux['weight'], grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': aux['ce_sum'] / aux['tokens'], 'aux_loss': aux['aux_loss'],
-               'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step),
-               'layers': aux['layers']}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    metrics = {name: value / aux['weight'] for name, value in aux['sums'].items()}
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
+                   layers=aux['layers'])
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
 
@@ -107,10 +127,12 @@ def make_multi_step(step: Callable):
   return multi_step
 
 
-def make_eval_step(model: nn.Module):
-  """eval_step(params, batch) -> (sum of token losses, number of tokens), over 'weights'."""
-  def eval_step(params, batch):
+def make_eval_fn(model: nn.Module):
+  """The language-modelling evaluation: eval_fn(params, frozen, batch) -> {'loss': summed token
+  losses over 'weights', 'weight': their number}."""
+  def eval_fn(params, frozen, batch):
+    del frozen
     logits = model.apply({'params': params}, batch['inputs'])
-    weights = _weights(batch)
-    return jnp.sum(token_losses(logits, batch['targets']) * weights), jnp.sum(weights)
-  return eval_step
+    w = weights(batch)
+    return {'loss': jnp.sum(token_losses(logits, batch['targets']) * w), 'weight': jnp.sum(w)}
+  return eval_fn

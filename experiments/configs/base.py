@@ -11,6 +11,7 @@ import typing
 from ml_collections import ConfigDict, config_dict
 
 from model.config import ModelConfig
+from train import lora
 
 # ../shared/data beside the project root: read-only data that tests, CI and benchmarks use.
 SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), '..', '..', '..',
@@ -85,7 +86,17 @@ def get_config() -> ConfigDict:
       keep_checkpoints=3,
       peak_flops=0.0,           # device peak for MFU; 0 measures a matmul at start-up
       init_from='',             # a run directory to start from: its parameters and tokenizer
+      objective='lm',           # lm | sft | reward | dpo (train/objectives/)
   ))
+
+  # Post-training (train/objectives/): conversations in a chat template, LoRA, DPO's settings.
+  c.chat = ConfigDict(dict(system='<|system|>\n', user='<|user|>\n', assistant='<|assistant|>\n',
+                           end_of_turn='<|end|>\n'))   # a run started from another takes its
+  c.lora = ConfigDict(dict(rank=0,                     # 0: every parameter trains
+                           alpha=16.0,                 # the update is alpha / rank x A B
+                           targets=lora.DEFAULT_TARGETS))
+  c.dpo = ConfigDict(dict(beta=0.1,                    # strength of the KL anchor to the reference
+                          label_smoothing=0.0))        # conservative DPO: assumed label noise
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))  # -1: the remaining devices
   return c

@@ -1,0 +1,83 @@
+"""Direct preference optimisation (Rafailov et al. 2023), sigmoid loss with optional label
+smoothing (the "conservative DPO" of Mitchell 2023):
+
+    h = (log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))
+    loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+
+where log pi(y|x) sums the answer's token log-probabilities and `ref` is the frozen starting model
+(train.init_from; with LoRA, the frozen base itself). `dpo.beta` and `dpo.label_smoothing` (eps).
+Metrics, as the field reports them: the implicit rewards beta (log pi - log ref) of the chosen and
+rejected answers, their margin and accuracy (chosen above rejected), and the mean log-ratio
+log pi - log ref over both answers, a KL-like measure of the drift from the reference (0 at the
+start, where the loss is log 2).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from model.blocks import AUX_LOSS, METRICS
+from train import step as step_lib
+from train.objectives.preferences import PreferenceObjective, both_sides, halves
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float,
+             label_smoothing: float = 0.0):
+  """The loss per pair from the answers' summed log-probabilities."""
+  h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+  return (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+          - label_smoothing * jax.nn.log_sigmoid(-beta * h))
+
+
+def answer_log_probs(model, params, rows, rng=None, dropout: bool = False):
+  """(sum of log p over each row's answer tokens (2B,), the forward pass's collections)."""
+  logits, cols = model.apply({'params': params}, rows['inputs'], deterministic=not dropout,
+                             rngs={'dropout': rng} if dropout else {},
+                             mutable=[AUX_LOSS, METRICS])
+  log_probs = step_lib.token_log_probs(logits, rows['targets'])
+  return jnp.sum(log_probs * rows['weights'], axis=-1), cols
+
+
+class DPO(PreferenceObjective):
+  name = 'dpo'
+  reference = True
+
+  def _sums(self, model, params, reference, batch, rng=None, dropout=False):
+    rows = both_sides(batch)
+    policy, cols = answer_log_probs(model, params, rows, rng, dropout)
+    ref, _ = answer_log_probs(model, jax.lax.stop_gradient(reference), rows)
+    ref = jax.lax.stop_gradient(ref)
+    (pc, pr), (rc, rr) = halves(policy), halves(ref)
+    beta = self.config.dpo.beta
+    valid = batch['valid']
+    reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
+    sums = {'loss': jnp.sum(dpo_loss(pc, pr, rc, rr, beta, self.config.dpo.label_smoothing)
+                            * valid),
+            'reward_chosen': jnp.sum(reward_c * valid),
+            'reward_rejected': jnp.sum(reward_r * valid),
+            'reward_margin': jnp.sum((reward_c - reward_r) * valid),
+            'reward_accuracy': jnp.sum((reward_c > reward_r) * valid),
+            'logratio': jnp.sum(0.5 * ((pc - rc) + (pr - rr)) * valid)}
+    return sums, cols
+
+  def loss_fn(self, model):
+    dropout = model.config.dropout > 0
+
+    def loss_fn(params, batch, rng, frozen):
+      sums, cols = self._sums(model, params, frozen, batch, rng, dropout)
+      pairs = jnp.sum(batch['valid'])
+      sums['aux_loss'] = step_lib.aux_loss_sum(cols) * pairs
+      return sums['loss'] + sums['aux_loss'], {'weight': pairs, 'sums': sums,
+                                               'layers': cols.get(METRICS, {})}
+    return loss_fn
+
+  def eval_fn(self, model):
+    def eval_fn(params, frozen, batch):
+      sums, _ = self._sums(model, params, frozen, batch)
+      return dict(sums, weight=jnp.sum(batch['valid']))
+    return eval_fn
+
+  def summarize(self, sums: dict, data) -> dict:
+    n = sums['weight']
+    return {f'val_{k}': v / n for k, v in sums.items() if k != 'weight'} | {'val_pairs': int(n)}
