@@ -17,6 +17,7 @@ What can go wrong, and what happens:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -58,12 +59,8 @@ class Checkpointer:
     if read_only:  # for evaluation and sampling: orbax warns that a reader saves nothing
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                              save_interval_steps=0)
-      verbosity = logging.get_verbosity()
-      logging.set_verbosity(logging.ERROR)
-      try:
+      with quietly():
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
-      finally:
-        logging.set_verbosity(verbosity)
     else:  # a writer removes the temporary directories of saves that a killed process left
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
@@ -144,6 +141,28 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+@contextlib.contextmanager
+def quietly():
+  """orbax's warnings off: those about reading (a read-only manager saves nothing; one item of a
+  step has no step metadata of its own) say nothing wrong."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+def params_metadata(workdir: str, step: int) -> dict:
+  """{path: (shape, dtype)} of the parameters saved at `step`, from the checkpoint's metadata."""
+  from flax import traverse_util
+  with quietly():
+    metadata = ocp.StandardCheckpointer().metadata(
+        os.path.join(workdir, 'checkpoints', str(step), 'params')).item_metadata
+  return {path: (m.shape, m.dtype)
+          for path, m in traverse_util.flatten_dict(dict(metadata)).items()}
 
 
 def _first_line(error: Exception) -> str:

@@ -123,10 +123,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run.close()
   final = dict(final, wall_s=time.time() - start_time)
   if run.chief:
-    print(f'done: step {final["step"]}, val_loss {final["val_loss"]:.4f}, '
-          f'perplexity {final["val_perplexity"]:.3f}, '
-          f'bits/char {final["val_bits_per_char"]:.4f}, wall {final["wall_s"]:.1f}s')
+    print(f'done: step {final["step"]}, {describe(final)}, wall {final["wall_s"]:.1f}s')
   return final
+
+
+def describe(metrics: dict) -> str:
+  """'val_loss 1.6743, val_perplexity 5.335, ...': the validation metrics, counts as counts."""
+  return ', '.join(f'{k} {v:,}' if isinstance(v, int) else f'{k} {v:.4g}'
+                   for k, v in metrics.items() if k.startswith('val_'))
 
 
 def _checked_data(objective, workdir: str, start):
@@ -199,8 +203,8 @@ class Run:
       started = start.params(ckpt_lib.abstract_like(
           nn.unbox(self.layout.started), mesh_lib.logical_shardings(self.layout.started,
                                                                     self.mesh)))
-      if self.layout.has_frozen:
-        self.state = self.state.replace(frozen=started)
+      if self.layout.has_frozen:  # a copy: the trained parameters' buffers are donated
+        self.state = self.state.replace(frozen=jax.tree.map(jnp.copy, started))
       if not self.layout.rank:
         self.state = self.state.replace(params=union(self.state.params, started))
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
@@ -334,10 +338,9 @@ class Run:
           final = self.evaluate(-1 if whole else tc.eval_batches)
           rows.setdefault(step, {}).update(final)
           self.progress.write(
-              f'step {step}: val_loss {final["val_loss"]:.4f} (bits/char '
-              f'{final["val_bits_per_char"]:.4f}) on '
-              + ('the whole validation split' if whole else f'{tc.eval_batches} batches')
-              + f', {final["val_tokens"]:,} tokens')
+              f'step {step}, on ' + ('the whole validation split' if whole else
+                                     f'{tc.eval_batches} validation batches')
+              + f': {describe(final)}')
         for s, row in rows.items():
           self.writer.write(s, row)
         interrupted = step < tc.num_steps and stop.requested()

@@ -99,8 +99,9 @@ def logical_shardings(boxed_tree, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
-  """Batches (B, L) split over the batch axes; `leading_axes` unsplit axes come first (steps)."""
-  return NamedSharding(mesh, P(*([None] * leading_axes), BATCH_AXES, None))
+  """Batch arrays (B, ...) split over the batch axes along B, any trailing axes whole;
+  `leading_axes` unsplit axes come first (steps)."""
+  return NamedSharding(mesh, P(*([None] * leading_axes), BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

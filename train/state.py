@@ -23,7 +23,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from model import LM
@@ -60,11 +59,7 @@ class StartRun:
     if self.step is None:
       raise workdir_lib.RunError(f'train.init_from={directory} has no checkpoint yet; train it '
                                  f'first (or longer than train.checkpoint_every steps)')
-    # {path: (shape, dtype)} of its parameters, read from the checkpoint's metadata.
-    metadata = ocp.StandardCheckpointer().metadata(
-        os.path.join(directory, 'checkpoints', str(self.step), 'params')).item_metadata
-    self.shapes = {path: (m.shape, m.dtype)
-                   for path, m in traverse_util.flatten_dict(dict(metadata)).items()}
+    self.shapes = ckpt_lib.params_metadata(directory, self.step)  # {path: (shape, dtype)}
     self.paths = set(self.shapes)
 
   def params(self, abstract_params):

@@ -108,10 +108,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       (grads, aux), _ = jax.lax.scan(accumulate, zero,
                                      (micro, jnp.arange(grad_accum_steps)))
       aux = dict(aux, layers=jax.tree.map(lambda x: x / grad_accum_steps, aux['layers']))
-    grads = jax.tree.map(lambda g: g / aux['weight'], grads)
+    weight = jnp.maximum(aux['weight'], 1e-6)  # a batch with nothing to learn moves nothing
+    grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {name: value / aux['weight'] for name, value in aux['sums'].items()}
+    metrics = {name: value / weight for name, value in aux['sums'].items()}
     metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
                    layers=aux['layers'])
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -140,6 +140,19 @@ def example_eval_batches(examples: Examples, batch_size: int, max_batches: int,
     yield dict(batch, valid=valid.astype(np.float32))
 
 
+def check_cut(split: str, num: int, cut: int, empty: int, length: int) -> None:
+  """Says how many examples were cut to `length` tokens; refuses a split none of whose examples
+  kept a trained token."""
+  from train.data import DataError
+  from train.progress import say
+  if empty == num:
+    raise DataError(f'every {split} example loses its trained tokens (the answer) when cut to '
+                    f'data.seq_len + 1 = {length} tokens; raise data.seq_len')
+  if cut:
+    say(f'warning: {cut} of {num} {split} examples are longer than data.seq_len + 1 = {length} '
+        f'tokens and were cut ({empty} of them lost every trained token)')
+
+
 def pad(tokens: np.ndarray, weights: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray,
                                                                        bool]:
   """(tokens, weights) cut or padded with zeros to `length`, and whether they were cut."""

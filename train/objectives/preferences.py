@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from train import chat
-from train.objectives.base import (Data, Examples, Objective, example_dataset,
+from train.objectives.base import (Data, Examples, Objective, check_cut, example_dataset,
                                    example_eval_batches, num_example_batches, pad)
 from train.objectives.sft import conversation_setup, save_conversation_setup, split_examples
-from train.progress import bar, say
+from train.progress import bar
 
 SIDES = ('chosen', 'rejected')
 
@@ -41,7 +41,7 @@ class PreferenceObjective(Objective):
   def encode(self, tokenizer, template, records, split: str) -> Examples:
     length = self.config.data.seq_len + 1
     arrays = {f'{side}_{k}': [] for side in SIDES for k in ('tokens', 'weights', 'last')}
-    cut = 0
+    cut = empty = 0
     for record in bar(records, len(records), f'encoding the {split} pairs', unit='pair'):
       for side in SIDES:
         tokens, weights = chat.encode(tokenizer, answer_only(template, record[side]))
@@ -49,12 +49,11 @@ class PreferenceObjective(Objective):
         last = min(len(tokens), length - 1) - 1
         tokens, weights, was_cut = pad(tokens, weights, length)
         cut += was_cut
+        empty += not weights[1:].any()
         arrays[f'{side}_tokens'].append(tokens)
         arrays[f'{side}_weights'].append(weights)
         arrays[f'{side}_last'].append(last)
-    if cut:
-      say(f'warning: {cut} {split} conversations are longer than data.seq_len + 1 = {length} '
-          f'tokens and were cut')
+    check_cut(f'{split} pair', 2 * len(records), cut, empty, length)
     return Examples({k: np.asarray(v) for k, v in arrays.items()}, records)
 
   def save(self, workdir: str, data: Data) -> None:

@@ -16,9 +16,9 @@ import numpy as np
 
 from train import chat, step as step_lib, tokenizers
 from train.data import DataError
-from train.objectives.base import (Data, Examples, Objective, example_dataset,
+from train.objectives.base import (Data, Examples, Objective, check_cut, example_dataset,
                                    example_eval_batches, num_example_batches, pad)
-from train.progress import bar, say
+from train.progress import bar
 
 
 def conversation_setup(config, workdir: str, start, records: list[dict]):
@@ -72,7 +72,7 @@ class SFT(Objective):
 
   def encode(self, tokenizer, template, records, split: str) -> Examples:
     length = self.config.data.seq_len + 1
-    tokens, weights, cut = [], [], 0
+    tokens, weights, cut, empty = [], [], 0, 0
     for record in bar(records, len(records), f'encoding the {split} conversations',
                       unit='example'):
       t, w = chat.encode(tokenizer, template.pieces(record['messages']))
@@ -80,9 +80,8 @@ class SFT(Objective):
       tokens.append(t)
       weights.append(w)
       cut += was_cut
-    if cut:
-      say(f'warning: {cut} of {len(records)} {split} conversations are longer than '
-          f'data.seq_len + 1 = {length} tokens and were cut')
+      empty += not w[1:].any()
+    check_cut(split, len(records), cut, empty, length)
     return Examples({'tokens': np.stack(tokens), 'weights': np.stack(weights)}, records)
 
   def save(self, workdir: str, data: Data) -> None:

@@ -1,0 +1,244 @@
+"""Post-training: the chat template and JSON lines, the SFT, reward-model and DPO losses against
+their formulas, LoRA, and the path base -> SFT -> reward model / DPO through the one loop."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eval.restore import load_run
+from model import LM
+from train import chat, lora, step as step_lib
+from train.data import DataError
+from train.loop import train_and_evaluate
+from train.objectives import dpo as dpo_lib
+from train.objectives import reward as reward_lib
+from train.tokenizers import ByteTokenizer
+from tests.conftest import run_config, tiny
+
+TEMPLATE = chat.ChatTemplate(system='[S]', user='[U]', assistant='[A]', end_of_turn='|')
+
+
+def test_the_template_weights_the_assistants_tokens_only():
+  messages = [{'role': 'system', 'content': 'be brief'}, {'role': 'user', 'content': '2+2?'},
+              {'role': 'assistant', 'content': '4'}, {'role': 'user', 'content': 'and 3+3?'},
+              {'role': 'assistant', 'content': '6'}]
+  tokens, weights = chat.encode(ByteTokenizer(), TEMPLATE.pieces(messages))
+  text = bytes(tokens.astype(np.uint8)).decode()
+  assert text == '[S]be brief|[U]2+2?|[A]4|[U]and 3+3?|[A]6|'
+  trained = ''.join(c for c, w in zip(text, weights) if w)
+  assert trained == '4|6|'  # each answer and its end of turn
+  prompt, _ = chat.encode(ByteTokenizer(), TEMPLATE.prompt(messages[:2]))
+  assert bytes(prompt.astype(np.uint8)).decode() == '[S]be brief|[U]2+2?|[A]'
+
+
+def write_lines(path, lines):
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return str(path)
+
+
+def test_json_lines_in_the_public_layouts(tmp_path):
+  demos = chat.read_jsonl(write_lines(tmp_path / 'sft.jsonl', [
+      json.dumps({'prompt': 'hi', 'response': 'hello', 'id': 7}),
+      '',
+      json.dumps({'messages': [{'role': 'user', 'content': 'a'},
+                               {'role': 'assistant', 'content': 'b'}]})]),
+      chat.parse_demonstration)
+  assert demos[0] == {'id': 7, 'messages': [{'role': 'user', 'content': 'hi'},
+                                            {'role': 'assistant', 'content': 'hello'}]}
+  assert len(demos) == 2
+  pairs = chat.read_jsonl(write_lines(tmp_path / 'pref.jsonl', [
+      json.dumps({'prompt': 'q', 'chosen': 'good', 'rejected': 'bad'}),
+      json.dumps({'prompt': 'q', 'chosen': [{'role': 'user', 'content': 'q'},
+                                             {'role': 'assistant', 'content': 'good'}],
+                  'rejected': [{'role': 'assistant', 'content': 'bad'}]})]),
+      chat.parse_preference)
+  expected = {'prompt': [{'role': 'user', 'content': 'q'}],
+              'chosen': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'good'}],
+              'rejected': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'bad'}]}
+  assert pairs == [expected, expected]
+
+
+@pytest.mark.parametrize('line, parse, message', [
+    ('{"prompt": "a", "response": ', chat.parse_demonstration, r'bad.jsonl:2: not valid JSON'),
+    ('[1, 2]', chat.parse_demonstration, r'bad.jsonl:2: expected a JSON object, got list'),
+    ('{"text": "a"}', chat.parse_demonstration, r'bad.jsonl:2: a demonstration needs "prompt" '
+                                                 r'and "response" strings, or "messages"'),
+    ('{"messages": [{"role": "bot", "content": "a"}]}', chat.parse_demonstration,
+     r'bad.jsonl:2: every message of "messages" needs a "role"'),
+    ('{"prompt": "a", "chosen": "b"}', chat.parse_preference,
+     r"bad.jsonl:2: a preference needs .*\['rejected'\] missing"),
+])
+def test_every_malformed_line_is_named_by_file_and_line(tmp_path, line, parse, message):
+  good = json.dumps({'prompt': 'a', 'response': 'b', 'chosen': 'c', 'rejected': 'd'})
+  with pytest.raises(DataError, match=message):
+    chat.read_jsonl(write_lines(tmp_path / 'bad.jsonl', [good, line]), parse)
+
+
+def log_sigmoid(x):
+  return -np.log1p(np.exp(-x))
+
+
+def test_dpo_and_bradley_terry_losses_equal_their_formulas():
+  rng = np.random.default_rng(0)
+  pc, pr, rc, rr = (rng.normal(size=5) * 3 for _ in range(4))
+  for beta, eps in ((0.1, 0.0), (0.5, 0.2)):
+    h = (pc - rc) - (pr - rr)
+    expected = -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)
+    np.testing.assert_allclose(dpo_lib.dpo_loss(pc, pr, rc, rr, beta, eps), expected, rtol=1e-5)
+  np.testing.assert_allclose(reward_lib.bradley_terry_loss(pc, pr), -log_sigmoid(pc - pr),
+                             rtol=1e-5)
+
+
+def init(cfg, head='logits'):
+  model = LM(cfg)
+  return model, nn.unbox(jax.jit(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32),
+                                                      head=head))(jax.random.key(0)))['params']
+
+
+def pair_batch(vocab, rows=3, length=12, seed=0):
+  rng = np.random.default_rng(seed)
+  batch = {'valid': np.ones(rows, np.float32)}
+  for side in ('chosen', 'rejected'):
+    weights = np.zeros((rows, length + 1), np.float32)
+    weights[:, 6:10] = 1.0  # the answer's tokens
+    batch.update({f'{side}_tokens': rng.integers(0, vocab, (rows, length + 1)),
+                  f'{side}_weights': weights, f'{side}_last': np.full(rows, 9)})
+  return batch
+
+
+def test_dpo_starts_at_log_2_and_its_gradient_favours_the_chosen_answers():
+  cfg = tiny()
+  model, params = init(cfg)
+  objective = dpo_lib.DPO(run_config('', dpo=dict(beta=0.5, label_smoothing=0.0)))
+  loss_fn = objective.loss_fn(model)
+  batch = pair_batch(cfg.vocab_size)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None, params)
+  np.testing.assert_allclose(loss / aux['weight'], np.log(2.0), rtol=1e-6)
+  # A small gradient step raises the chosen answers' log-probability relative to the rejected.
+  moved = jax.tree.map(lambda p, g: p - 0.01 * g, params, grads)
+  rows = dpo_lib.both_sides(batch)
+  before, after = (dpo_lib.answer_log_probs(model, p, rows)[0] for p in (params, moved))
+  (bc, br), (ac, ar) = dpo_lib.halves(before), dpo_lib.halves(after)
+  assert float(jnp.sum((ac - bc) - (ar - br))) > 0
+
+
+def test_sft_gives_no_gradient_through_prompt_tokens_and_rows_never_mix():
+  cfg = tiny()
+  model, params = init(cfg)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, (4, 17))
+  weights = np.zeros((4, 17), np.float32)
+  weights[:, 9:] = 1.0  # the answer
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'weights': weights[:, 1:]}
+  loss_fn = step_lib.make_loss_fn(model, dropout=False)
+  grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
+  # Other labels at the prompt's positions: nothing changes.
+  relabelled = dict(batch, targets=np.where(batch['weights'] > 0, batch['targets'],
+                                            (batch['targets'] + 1) % cfg.vocab_size))
+  for a, b in zip(jax.tree.leaves(grad(params, batch)), jax.tree.leaves(grad(params, relabelled))):
+    np.testing.assert_array_equal(a, b)
+  # Another example in row 2: the other rows' losses do not move.
+  row_losses = jax.jit(lambda p, b: jnp.sum(step_lib.token_losses(
+      model.apply({'params': p}, b['inputs']), b['targets']) * b['weights'], axis=-1))
+  changed = {k: v.copy() for k, v in batch.items()}
+  changed['inputs'][2] = rng.integers(0, cfg.vocab_size, 16)
+  a, b = row_losses(params, batch), row_losses(params, changed)
+  np.testing.assert_array_equal(np.delete(np.asarray(a), 2), np.delete(np.asarray(b), 2))
+  assert a[2] != b[2]
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_lora_starts_equal_to_its_base_and_adapts_only_its_targets(scan_layers):
+  cfg = tiny(pattern='attn*2', scan_layers=scan_layers)
+  model = LM(cfg)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  base = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']
+  adapters = nn.unbox(lora.init_adapters(boxed['params'], rank=2, rng=jax.random.key(1)))
+  paths = {'/'.join(p[:-1]) for p in
+           __import__('flax').traverse_util.flatten_dict(adapters)}
+  names = {p.split('/')[-1] for p in paths}
+  assert names == {'query', 'key', 'value', 'out', 'wi_gate', 'wi_up', 'wo'}
+  tokens = jax.random.randint(jax.random.key(2), (2, 8), 0, cfg.vocab_size)
+  merged = lora.merge(base, adapters, rank=2, alpha=4.0)
+  np.testing.assert_array_equal(model.apply({'params': merged}, tokens),
+                                model.apply({'params': base}, tokens))
+  # With B set, W' = W + (alpha / r) A B, for each kernel's own axes (inputs, then outputs).
+  adapters = jax.tree.map(lambda x: x + 0.1, adapters)
+  merged = lora.merge(base, adapters, rank=2, alpha=4.0)
+  flat = __import__('flax').traverse_util.flatten_dict
+  fb, fm, fa = flat(base), flat(merged), flat(adapters)
+  for path, kernel in fb.items():
+    a = fa.get((*path[:-1], 'lora_a'))
+    if a is None:
+      np.testing.assert_array_equal(fm[path], kernel)  # not a target
+      continue
+    b = fa[(*path[:-1], 'lora_b')]
+    lead = 1 if scan_layers and path[1].startswith('layers_') else 0
+    a2 = np.asarray(a).reshape(*a.shape[:lead], -1, a.shape[-1])
+    b2 = np.asarray(b).reshape(*b.shape[:lead + 1], -1)
+    delta = (a2 @ b2).reshape(kernel.shape)
+    np.testing.assert_allclose(fm[path], np.asarray(kernel) + 2.0 * delta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def sft_run(tmp_path_factory, tfds_dir):
+  """A tiny base language model (bytes) and an SFT run on arithmetic demonstrations from it."""
+  directory = tmp_path_factory.mktemp('posttrain')
+  rng = np.random.default_rng(0)
+  sums = [(int(a), int(b)) for a, b in rng.integers(0, 30, (200, 2))]
+  sft = write_lines(directory / 'sft.jsonl', [
+      json.dumps({'prompt': f'{a}+{b}?', 'response': str(a + b)}) for a, b in sums])
+  # Answers against refusals: a difference a tiny model can learn in a few steps.
+  pref = write_lines(directory / 'pref.jsonl', [
+      json.dumps({'prompt': f'{a}+{b}?', 'chosen': str(a + b), 'rejected': 'no idea'})
+      for a, b in sums])
+  small = dict(seq_len=32, tokenizer='byte')
+  train = dict(eval_every=0, checkpoint_every=0, eval_batch_size=16, lr=3e-3)
+  template = dict(system='S:', user='U:', assistant='A:', end_of_turn='\n')
+  base = str(directory / 'base')
+  train_and_evaluate(run_config(tfds_dir, data=small, train=dict(train, num_steps=10)), base)
+  sft_dir = str(directory / 'sft')
+  config = run_config(tfds_dir, data=dict(small, path=sft), chat=template,
+                      train=dict(train, num_steps=60, objective='sft', init_from=base))
+  final = train_and_evaluate(config, sft_dir)
+  return dict(base=base, sft=sft_dir, pref=pref, final=final, small=small, train=train,
+              tfds_dir=tfds_dir, directory=directory)
+
+
+def test_sft_reward_and_dpo_runs_through_the_one_loop(sft_run):
+  r = sft_run
+  with open(os.path.join(r['sft'], 'metrics.jsonl')) as f:
+    losses = [row['train_loss'] for row in map(json.loads, f) if 'train_loss' in row]
+  assert losses[-1] < losses[0] - 0.5 and r['final']['val_loss'] < losses[0]
+  assert chat.ChatTemplate.load(os.path.join(r['sft'], 'tokenizer')).user == 'U:'
+
+  reward = train_and_evaluate(run_config(
+      r['tfds_dir'], data=dict(r['small'], path=r['pref']),
+      train=dict(r['train'], num_steps=40, objective='reward', init_from=r['sft'])),
+      str(r['directory'] / 'reward'))
+  assert reward['val_accuracy'] > 0.5 and reward['val_margin'] > 0
+
+  # DPO with LoRA: only adapters train and are saved; the SFT run stays the frozen base.
+  dpo_dir = str(r['directory'] / 'dpo')
+  config = run_config(r['tfds_dir'], data=dict(r['small'], path=r['pref']), lora=dict(rank=2),
+                      train=dict(r['train'], num_steps=20, objective='dpo', init_from=r['sft'],
+                                 log_every=1))
+  final = train_and_evaluate(config, dpo_dir)
+  with open(os.path.join(dpo_dir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  np.testing.assert_allclose(rows[0]['train_loss'], np.log(2), rtol=1e-5)  # policy = reference
+  assert final['val_reward_margin'] > 0
+  saved = os.listdir(os.path.join(dpo_dir, 'checkpoints', '20', 'params'))
+  assert saved  # adapters only: the base's kernels are not among the saved parameters
+  from train.checkpoint import params_metadata
+  names = {p[-1] for p in params_metadata(dpo_dir, 20)}
+  assert names == {'lora_a', 'lora_b'}
+  tuned, sft = load_run(dpo_dir), load_run(r['sft'])
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned.params),
+                                                      jax.tree.leaves(sft.params)))
