@@ -75,35 +75,53 @@ def prefill(model: LM, params, cache, prompt_BxT):
   return logits, state['cache']
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'sampling', 'eos_id'))
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'sampling', 'eos_id',
+                                             'prefix'))
 def generate(model: LM, params, prompt_BxT, rng, *, max_new_tokens: int,
-             sampling: Sampling = Sampling(), eos_id: int | None = None):
-  """(tokens (B, T + max_new_tokens), number of new tokens). After a row's end token (eos_id) the
-  row repeats it; generation stops early once every row has ended."""
+             sampling: Sampling = Sampling(), eos_id: int | None = None,
+             prompt_lengths_B=None, prefix: int | None = None):
+  """(tokens (B, T + max_new_tokens), new tokens per row (B,)). Row b's prompt is its first
+  prompt_lengths_B[b] tokens (all T when not given; the rest is padding) and its new tokens follow
+  it. After a row's end token (eos_id) the row repeats it; generation stops once every row has
+  ended or made max_new_tokens.
+
+  Prompts of different lengths are exact for every mixer: the first `prefix` positions (static;
+  at most the shortest prompt, all of T when the prompts are whole) go through the caches in one
+  call, then the rest one position at a time, each row reading its prompt's token while it has
+  one and sampling after, so that every row computes what it would alone."""
   B, T = prompt_BxT.shape
-  logits, cache = prefill(model, params, init_cache(model, B, T + max_new_tokens), prompt_BxT)
+  lengths_B = (jnp.full((B,), T, jnp.int32) if prompt_lengths_B is None
+               else jnp.asarray(prompt_lengths_B, jnp.int32))
+  prefix = T if prefix is None else prefix
+  total = T + max_new_tokens
+  logits, cache = prefill(model, params, init_cache(model, B, total), prompt_BxT[:, :prefix])
   fill = 0 if eos_id is None else eos_id
-  tokens = jnp.full((B, T + max_new_tokens), fill, jnp.int32).at[:, :T].set(prompt_BxT)
+  tokens = jnp.full((B, total), fill, jnp.int32).at[:, :T].set(prompt_BxT)
 
   def keep_going(carry):
-    i, _, _, _, _, done = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
+    position, _, _, _, _, done, new_B = carry
+    return (position < total) & ~jnp.all(done | (new_B >= max_new_tokens))
 
   def decode_step(carry):
-    i, tokens, cache, logits, rng, done = carry
+    position, tokens, cache, logits, rng, done, new_B = carry
     rng, key = jax.random.split(rng)
-    token_B = sample_logits(logits[:, -1], key, sampling)
+    sampled_B = sample_logits(logits[:, -1], key, sampling)
+    in_prompt_B = position < lengths_B
+    finished_B = done | (new_B >= max_new_tokens)
+    token_B = jnp.where(in_prompt_B, tokens[:, position],
+                        jnp.where(finished_B, fill, sampled_B))
     if eos_id is not None:
-      token_B = jnp.where(done, eos_id, token_B)
-      done = done | (token_B == eos_id)
-    tokens = tokens.at[:, T + i].set(token_B)
+      done = done | (~in_prompt_B & (token_B == eos_id))
+    new_B = new_B + (~in_prompt_B & ~finished_B)
+    tokens = jax.lax.dynamic_update_slice(tokens, token_B[:, None], (0, position))
     logits, state = model.apply({'params': params, 'cache': cache}, token_B[:, None],
-                                _positions(T + i, B, 1), decode=True, mutable=['cache'])
-    return i + 1, tokens, state['cache'], logits, rng, done
+                                _positions(position, B, 1), decode=True, mutable=['cache'])
+    return position + 1, tokens, state['cache'], logits, rng, done, new_B
 
-  carry = (jnp.int32(0), tokens, cache, logits, rng, jnp.zeros((B,), bool))
-  i, tokens, *_ = jax.lax.while_loop(keep_going, decode_step, carry)
-  return tokens, i
+  carry = (jnp.int32(prefix), tokens, cache, logits, rng, jnp.zeros((B,), bool),
+           jnp.zeros((B,), jnp.int32))
+  _, tokens, *_, new_B = jax.lax.while_loop(keep_going, decode_step, carry)
+  return tokens, new_B
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'sampling', 'eos_id'))
@@ -130,6 +148,6 @@ def generate_uncached(model: LM, params, prompt_BxT, rng, *, max_new_tokens: int
       done = done | (token_B == eos_id)
     return i + 1, tokens.at[:, T + i].set(token_B), rng, done
 
-  i, tokens, _, _ = jax.lax.while_loop(keep_going, step,
-                                       (jnp.int32(0), tokens, rng, jnp.zeros((B,), bool)))
-  return tokens, i
+  i, tokens, _, done = jax.lax.while_loop(keep_going, step,
+                                          (jnp.int32(0), tokens, rng, jnp.zeros((B,), bool)))
+  return tokens, jnp.full((B,), i, jnp.int32)

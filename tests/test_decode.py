@@ -91,7 +91,7 @@ def test_cached_generation_equals_uncached_token_for_token(sampling):
   uncached, n2 = generate_uncached(model, params, prompt, jax.random.key(7), **kw)
   np.testing.assert_array_equal(cached, uncached)
   np.testing.assert_array_equal(cached[:, :5], prompt)
-  assert int(n1) == int(n2) == 12
+  assert np.all(np.asarray(n1) == 12) and np.all(np.asarray(n2) == 12)
 
 
 def test_generation_stops_at_the_end_token():
@@ -104,9 +104,25 @@ def test_generation_stops_at_the_end_token():
   tokens, n = generate(model, params, prompt, jax.random.key(0), max_new_tokens=6,
                        sampling=Sampling(0.0), eos_id=eos)
   first = int(np.argmax(np.asarray(free[0, 3:]) == eos))  # its first appearance
-  assert int(n) == first + 1
+  assert n.tolist() == [first + 1]
   np.testing.assert_array_equal(tokens[0, :3 + first + 1], free[0, :3 + first + 1])
   assert np.all(np.asarray(tokens[0, 3 + first:]) == eos)
+
+
+@pytest.mark.parametrize('pattern', ['attn*2', 'mamba,attn:moe'])
+def test_a_batch_of_prompts_of_different_lengths_generates_what_each_does_alone(pattern):
+  cfg = tiny(pattern=pattern, moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=0.5),
+             mamba=MambaConfig(scan_chunk=4))
+  model, params = setup(cfg)
+  lengths = [3, 7, 5]
+  prompts = np.asarray(jax.random.randint(jax.random.key(4), (3, 7), 0, cfg.vocab_size))
+  kw = dict(max_new_tokens=6, sampling=Sampling(0.0))
+  batch, new = generate(model, params, prompts, jax.random.key(0), prompt_lengths_B=lengths,
+                        prefix=3, **kw)
+  assert np.all(np.asarray(new) == 6)
+  for row, length in enumerate(lengths):
+    alone, _ = generate(model, params, prompts[row:row + 1, :length], jax.random.key(0), **kw)
+    np.testing.assert_array_equal(np.asarray(batch)[row, :length + 6], np.asarray(alone)[0])
 
 
 def test_sampling_filters():
