@@ -1,0 +1,50 @@
+"""Post-training on integer addition: base -> SFT -> reward model, and DPO from SFT.
+
+  python -m experiments.posttrain --workdir=runs/posttrain
+
+Every stage is a normal training run in DIR/<stage>/ (resumable; re-running skips finished
+stages). The task (experiments/posttrain/task.py): a + b with operands up to task.max_operand;
+the base model reads documents of sums as equations and prose, task.error_rate of them wrong;
+SFT teaches the chat format on demonstrations; the reward model learns right answers from wrong
+ones; DPO starts from SFT on pairs sampled from it, labelled by correctness. The measured
+accuracies and wall time are in docs/posttrain.md.
+"""
+
+from ml_collections import ConfigDict
+
+from experiments.configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.task = ConfigDict(dict(
+      max_operand=999,          # a + b with a, b in [0, max_operand]
+      num_train=40_000,         # problems the documents, demonstrations and pairs draw on
+      num_test=500,             # held out: every stage's exact-match accuracy
+      error_rate=0.2,           # share of the base corpus's sums that are wrong
+      lines_per_document=20,
+      num_demonstrations=8_000,
+      num_pairs=8_000,          # the reward model's pairs (right vs a plausible wrong answer)
+      seed=0,
+      tfds_data_dir='',
+  ))
+  c.model.update(d_model=128, num_heads=4, d_ff=344, pattern='attn*4', position='rope',
+                 norm='rmsnorm', activation='swiglu', scan_layers=False)
+  c.data.update(tokenizer='byte', seq_len=48, val_fraction=0.05)
+  # One byte ends a turn, so generation stops on one token.
+  c.chat.update(system='System: ', user='User: ', assistant='Assistant: ', end_of_turn='\n')
+  c.train.update(batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=50, schedule='cosine',
+                 b2=0.99, weight_decay=0.1, grad_clip=1.0, steps_per_call=25, log_every=50,
+                 eval_every=0, eval_batch_size=64, checkpoint_every=500)
+  # Each stage's train.* settings, over the ones above.
+  c.stages = ConfigDict(dict(
+      base=ConfigDict(dict(num_steps=2000)),
+      sft=ConfigDict(dict(num_steps=300, lr=3e-4, warmup_steps=20)),
+      reward=ConfigDict(dict(num_steps=300, lr=3e-4, warmup_steps=20)),
+      dpo=ConfigDict(dict(num_steps=150, lr=3e-5, warmup_steps=10, batch_size=16)),
+  ))
+  c.dpo.beta = 0.1
+  # DPO's pairs: answers sampled from the SFT model, a right and a wrong one per prompt.
+  c.sampling = ConfigDict(dict(num_prompts=3_000, samples_per_prompt=4, temperature=1.0))
+  c.eval = ConfigDict(dict(few_shot=3, max_new_tokens=6, batch_size=100))
+  return c

@@ -1,0 +1,251 @@
+"""Post-training, from a document completer to an assistant, on a task whose answers can be
+checked (integer addition, experiments/posttrain/task.py):
+
+    python -m experiments.posttrain --workdir=runs/posttrain [--config=...posttrain.py]
+
+  base    pretrains a small LM on documents of sums written as equations and prose, some wrong
+  sft     teaches the chat format on demonstrations (from base)
+  reward  a reward model on pairs, the right answer against a wrong one (from sft)
+  dpo     DPO on pairs sampled from the SFT model and labelled by correctness (from sft)
+
+Each stage is a normal training run in DIR/<stage>/ (`python -m train`'s loop with that stage's
+objective, `train.init_from` the stage before it), resumable; re-running skips finished stages.
+Every model is measured by held-out exact-match accuracy on the test problems, greedy: the base
+model zero-shot in the chat template and few-shot in its own format (`a + b = c` lines), the
+others in the chat template; the reward model by its pairwise accuracy on held-out pairs. Writes
+DIR/summary.json ({"accuracy": {stage: ...}, "reward_model_accuracy": ...}) and DIR/accuracy.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import ml_collections
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from train import cli
+
+DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'posttrain.py')
+STAGES = ('base', 'sft', 'reward', 'dpo')
+RUN_SECTIONS = ('model', 'data', 'train', 'mesh', 'chat', 'lora', 'dpo')
+
+
+def stage_config(config, stage: str, data_path: str, init_from: str = '',
+                 objective: str = 'lm') -> ml_collections.ConfigDict:
+  """A stage's training config: the run sections with the stage's train.* settings."""
+  c = ml_collections.ConfigDict({k: config[k].to_dict() for k in RUN_SECTIONS})
+  c.train.update(config.stages[stage].to_dict())
+  c.train.update(objective=objective, init_from=init_from)
+  c.data.path = data_path
+  return c
+
+
+def train_stage(config, workdir: str, stage: str, **kwargs) -> str:
+  """Trains the stage in DIR/<stage> unless it finished before; its directory."""
+  from train import checkpoint as ckpt_lib
+  from train.loop import train_and_evaluate
+  from train.progress import say
+  run_dir = os.path.join(workdir, stage)
+  c = stage_config(config, stage, **kwargs)
+  if ckpt_lib.has_checkpoint(run_dir) and ckpt_lib.Checkpointer(
+      run_dir, read_only=True).latest_step() == c.train.num_steps:
+    say(f'{stage}: finished before, in {run_dir}')
+  else:
+    say(f'{stage}: training ({c.train.objective}, {c.train.num_steps} steps) in {run_dir}')
+    train_and_evaluate(c, run_dir)
+  return run_dir
+
+
+def exact_match(run, prompts: list[np.ndarray], answers: list[int], config, what: str,
+                eos_id: int) -> tuple[float, list[str]]:
+  """(share of prompts answered exactly, the answers) with greedy generation."""
+  from eval.respond import respond
+  outs = respond(run.model, run.params, prompts, max_new_tokens=config.eval.max_new_tokens,
+                 eos_id=eos_id, batch_size=config.eval.batch_size, what=what)
+  texts = [run.tokenizer.decode(o).strip() for o in outs]
+  return float(np.mean([t == str(a) for t, a in zip(texts, answers)])), texts
+
+
+def few_shot_prompt(tokenizer, examples: np.ndarray, a: int, b: int) -> np.ndarray:
+  from experiments.posttrain import task
+  lines = [f'{task.equation(x, y)} {x + y}' for x, y in examples]
+  return tokenizer.encode('\n'.join(lines + [task.equation(a, b)]))
+
+
+def accuracies(run_dir: str, config, problems, chat: bool) -> dict:
+  """The run's exact-match accuracy on the test problems (chat and, for the base, few-shot),
+  cached in DIR/<stage>/accuracy.json."""
+  from eval.respond import chat_prompt
+  from eval.restore import load_run
+  from experiments.posttrain import task
+  from train.chat import ChatTemplate
+  path = os.path.join(run_dir, 'accuracy.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  run = load_run(run_dir)
+  template = run.template or ChatTemplate.from_config(config.chat)  # the base has none
+  eos = int(run.tokenizer.encode(template.end_of_turn)[0])
+  answers = [int(a + b) for a, b in problems.test]
+  chat_prompts = [chat_prompt(run.tokenizer, template, task.question(a, b))
+                  for a, b in problems.test]
+  result = {}
+  result['chat'], samples = exact_match(run, chat_prompts, answers, config,
+                                        f'answering {len(answers)} test questions', eos)
+  result['chat_samples'] = samples[:10]
+  if not chat:
+    shots = problems.train[:config.eval.few_shot]
+    prompts = [few_shot_prompt(run.tokenizer, shots, a, b) for a, b in problems.test]
+    newline = int(run.tokenizer.encode('\n')[0])
+    result['few_shot'], samples = exact_match(run, prompts, answers, config,
+                                              'answering few-shot', newline)
+    result['few_shot_samples'] = samples[:10]
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def reward_model_accuracy(run_dir: str, config, problems) -> float:
+  """The reward model's pairwise accuracy on pairs of the test problems (right vs wrong)."""
+  from eval.restore import load_run
+  from experiments.posttrain import task
+  from train.evaluate import compile_eval_step, evaluate
+  from train.objectives.base import Data
+  run = load_run(run_dir)
+  records = [dict(r, prompt=[{'role': 'user', 'content': r['prompt']}],
+                  chosen=[{'role': 'user', 'content': r['prompt']},
+                          {'role': 'assistant', 'content': r['chosen']}],
+                  rejected=[{'role': 'user', 'content': r['prompt']},
+                            {'role': 'assistant', 'content': r['rejected']}])
+             for r in task.preference_pairs(problems.test, config.task.seed + 1)]
+  examples = run.objective.encode(run.tokenizer, run.template, records, 'test')
+  step = compile_eval_step(run.objective.eval_fn(run.model), run.objective.eval_spec(),
+                           run.mesh, run.params, run.frozen)
+  metrics = evaluate(step, run.params, run.frozen, run.objective,
+                     Data(run.tokenizer, None, examples), run.mesh)
+  return float(metrics['val_accuracy'])
+
+
+def sampled_pairs(sft_dir: str, config, problems, path: str) -> str:
+  """DPO's pairs: samples_per_prompt answers of the SFT model to training questions, at the
+  sampling temperature; a prompt with a right and a wrong answer gives one pair."""
+  from eval.decode import Sampling
+  from eval.respond import chat_prompt, respond
+  from eval.restore import load_run
+  from experiments.posttrain import task
+  from train.progress import say
+  if os.path.exists(path):
+    return path
+  s = config.sampling
+  run = load_run(sft_dir)
+  eos = int(run.tokenizer.encode(run.template.end_of_turn)[0])
+  chosen = problems.train[np.random.default_rng(config.task.seed).permutation(
+      len(problems.train))[:s.num_prompts]]
+  prompts = [chat_prompt(run.tokenizer, run.template, task.question(a, b))
+             for a, b in chosen for _ in range(s.samples_per_prompt)]
+  outs = respond(run.model, run.params, prompts, max_new_tokens=config.eval.max_new_tokens,
+                 sampling=Sampling(s.temperature), eos_id=eos, seed=config.task.seed,
+                 batch_size=config.eval.batch_size, what='sampling the SFT model')
+  texts = [run.tokenizer.decode(o).strip() for o in outs]
+  pairs = []
+  for i, (a, b) in enumerate(chosen):
+    answers = texts[i * s.samples_per_prompt:(i + 1) * s.samples_per_prompt]
+    right = [t for t in answers if t == str(a + b)]
+    wrong = [t for t in answers if t != str(a + b)]
+    if right and wrong:
+      pairs.append({'prompt': task.question(a, b), 'chosen': right[0], 'rejected': wrong[0],
+                    'answer': int(a + b)})
+  right = np.mean([t == str(a + b) for t, (a, b) in
+                   zip(texts, np.repeat(chosen, s.samples_per_prompt, axis=0))])
+  say(f'dpo: {len(pairs)} pairs from {len(chosen)} prompts ({right:.1%} of the samples right)')
+  return task.write_jsonl(path, pairs)
+
+
+def plot(summary: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  names = list(summary['accuracy'])
+  values = [100 * summary['accuracy'][n] for n in names]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  bars = ax.bar(names, values, color=[f'C{i}' for i in range(len(names))])
+  for b, v in zip(bars, values):
+    ax.text(b.get_x() + b.get_width() / 2, v + 1, f'{v:.1f}%', ha='center', fontsize=9)
+  ax.set_ylabel('held-out exact-match accuracy (%)')
+  ax.set_ylim(0, 105)
+  ax.set_title(f'integer addition, {summary["num_test"]} test problems; reward model pairwise '
+               f'accuracy {100 * summary["reward_model_accuracy"]:.1f}%', fontsize=9)
+  ax.grid(axis='y', alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  from experiments.posttrain import task
+  from train.errors import quiet_libraries
+  from train.progress import say
+  quiet_libraries()
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  start = time.time()
+  problems = task.load(config.task)
+  data_dir = os.path.join(workdir, 'data')
+  t = config.task
+  corpus = os.path.join(data_dir, 'corpus')
+  if not os.path.isdir(corpus):
+    task.write_documents(corpus, task.documents(problems.train, t.error_rate,
+                                                t.lines_per_document, t.seed))
+  demos = task.write_jsonl(os.path.join(data_dir, 'sft.jsonl'),
+                           task.demonstrations(problems.train[:t.num_demonstrations]))
+  pairs = task.write_jsonl(os.path.join(data_dir, 'reward.jsonl'),
+                           task.preference_pairs(problems.train[-t.num_pairs:], t.seed))
+  times = {}
+
+  def timed(stage, fn, *args, **kwargs):
+    stage_start = time.time()
+    out = fn(*args, **kwargs)
+    times[stage] = times.get(stage, 0.0) + time.time() - stage_start
+    return out
+
+  base = timed('base', train_stage, config, workdir, 'base', data_path=corpus)
+  sft = timed('sft', train_stage, config, workdir, 'sft', data_path=demos, init_from=base,
+              objective='sft')
+  reward = timed('reward', train_stage, config, workdir, 'reward', data_path=pairs,
+                 init_from=sft, objective='reward')
+  dpo_pairs = timed('dpo', sampled_pairs, sft, config, problems,
+                    os.path.join(data_dir, 'dpo.jsonl'))
+  dpo = timed('dpo', train_stage, config, workdir, 'dpo', data_path=dpo_pairs, init_from=sft,
+              objective='dpo')
+  results = {stage: timed(f'{stage}_eval', accuracies, path, config, problems,
+                          chat=stage != 'base')
+             for stage, path in (('base', base), ('sft', sft), ('dpo', dpo))}
+  summary = {
+      'accuracy': {'base': results['base']['chat'],
+                   'base_few_shot': results['base']['few_shot'],
+                   'sft': results['sft']['chat'], 'dpo': results['dpo']['chat']},
+      'reward_model_accuracy': timed('reward_eval', reward_model_accuracy, reward, config,
+                                     problems),
+      'num_test': len(problems.test),
+      'samples': {stage: r for stage, r in results.items()},
+      'stage_wall_s': times, 'wall_s': time.time() - start}
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  plot(summary, os.path.join(workdir, 'accuracy.png'))
+  say('accuracy: ' + ', '.join(f'{k} {100 * v:.1f}%' for k, v in summary['accuracy'].items())
+      + f'; reward model {100 * summary["reward_model_accuracy"]:.1f}%; '
+      f'{summary["wall_s"]:.0f} s')
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Experiment config; default '
+                                  'experiments/configs/posttrain.py.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Work directory: data/, one run per stage, summary.json.')
+  flags.mark_flags_as_required(['workdir'])
+  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
+  cli.run(main)
