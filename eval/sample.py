@@ -38,6 +38,7 @@ def main(argv):
   from eval.restore import load_run
   from model.config import check_context
   from train.errors import quiet_libraries
+  from train.chat import unescape
   from train.tokenizers import TokenizerError
   quiet_libraries()
   f = flags.FLAGS
@@ -56,10 +57,7 @@ def main(argv):
     model = type(model)(run.model_cfg.replace(attention_window=context))
   stop = run.tokenizer.eos_id
   if f.stop is not None:
-    # Backslash escapes ("\\n") become the characters they name; other text stays as it is
-    # (non-Latin-1 characters go through the escape codec as \\uXXXX).
-    stop_text = f.stop.encode('latin-1', 'backslashreplace').decode('unicode_escape')
-    ids = run.tokenizer.encode(stop_text)
+    ids = run.tokenizer.encode(unescape(f.stop))  # "\\n" names a newline
     if len(ids) != 1:
       raise TokenizerError(f'--stop={f.stop!r} encodes to {len(ids)} tokens; it must be one')
     stop = int(ids[0])

@@ -28,8 +28,8 @@ class LM(nn.Module):
     """Logits (B, L, V) in float32; with `last_only`, logits of the last position only (B, 1, V),
     which is all that sampling and answer-only losses need. With head='scalar', one float32
     score per position (B, L) from a linear head on the final hidden state instead (a reward
-    model's or a value function's), its parameters 'scalar_head' created by the first such
-    call."""
+    model's), its parameters 'scalar_head' created by the first such call; with head='both',
+    (logits, scores): a policy and its value function on one trunk (PPO)."""
     cfg = self.config
     dtype = compute_dtype(cfg)
     B, L = tokens_BxL.shape
@@ -54,14 +54,16 @@ class LM(nn.Module):
                     name='blocks')(x_BxLxD, positions_BxL)
     x_BxLxD = Norm(cfg, name='final_norm')(x_BxLxD)
 
-    if head == 'scalar':
+    if head not in ('logits', 'scalar', 'both'):
+      raise ValueError(f'head={head!r}: choose logits, scalar or both')
+    if head in ('scalar', 'both'):
       kernel_D = self.param('scalar_head', param_init(normal(cfg.init_std), ('embed',)),
                             (cfg.d_model,), jnp.float32)
       bias = self.param('scalar_head_bias', param_init(nn.initializers.zeros, ()), (),
                         jnp.float32)
-      return jnp.einsum('bld,d->bl', x_BxLxD.astype(jnp.float32), kernel_D) + bias
-    if head != 'logits':
-      raise ValueError(f'head={head!r}: choose logits or scalar')
+      scores_BxL = jnp.einsum('bld,d->bl', x_BxLxD.astype(jnp.float32), kernel_D) + bias
+      if head == 'scalar':
+        return scores_BxL
     if cfg.tie_embeddings:
       head_VxD = embedding
     else:
@@ -69,4 +71,5 @@ class LM(nn.Module):
                             (cfg.vocab_size, cfg.d_model), jnp.float32)
     logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD, head_VxD.astype(dtype),
                               preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits_BxLxV, ACT_BLV)
+    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ACT_BLV)
+    return (logits_BxLxV, scores_BxL) if head == 'both' else logits_BxLxV

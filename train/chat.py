@@ -45,7 +45,9 @@ class ChatTemplate:
 
   @classmethod
   def from_config(cls, section) -> 'ChatTemplate':
-    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
+    """From the config's `chat` section; backslash escapes there ("\\n" from a command line)
+    become the characters they name."""
+    return cls(**{f.name: unescape(section[f.name]) for f in dataclasses.fields(cls)})
 
   def pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
     """(text, trained) pieces of a conversation: markers and other roles' turns untrained."""
@@ -71,6 +73,12 @@ class ChatTemplate:
       return None
     with open(path) as f:
       return cls(**json.load(f))
+
+
+def unescape(text: str) -> str:
+  """Backslash escapes ("\\n", "\\t") become the characters they name; any other text stays
+  as it is (non-Latin-1 characters pass through the escape codec as \\uXXXX)."""
+  return text.encode('latin-1', 'backslashreplace').decode('unicode_escape')
 
 
 def encode(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
@@ -176,3 +184,23 @@ def parse_preference(record: dict, where: str) -> dict:
                     else prompt + conversation)
   extra = {k: v for k, v in record.items() if k not in ('prompt', 'chosen', 'rejected')}
   return dict(extra, prompt=prompt, **pair)
+
+
+def parse_prompt(record: dict, where: str) -> dict:
+  """{'prompt': messages, **other fields} of a line for reinforcement learning: its "prompt" (a
+  string or messages), or the "messages" of a demonstration up to its last assistant turn; the
+  other fields (an "answer" to check) go to the reward function."""
+  if 'prompt' in record:
+    prompt = _messages(record['prompt'], where, 'prompt')
+  elif 'messages' in record:
+    messages = _messages(record['messages'], where, 'messages')
+    while messages and messages[-1]['role'] == 'assistant':
+      messages = messages[:-1]
+    prompt = messages
+  else:
+    raise DataError(f'{where}: a prompt needs "prompt" (a string or messages) or "messages"; '
+                    f'this line has {sorted(record)}')
+  if not prompt or prompt[-1]['role'] == 'assistant':
+    raise DataError(f'{where}: the prompt must end with a user (or system) turn')
+  extra = {k: v for k, v in record.items() if k not in ('prompt', 'messages', 'response')}
+  return dict(extra, prompt=prompt)

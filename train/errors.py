@@ -4,11 +4,12 @@ from model.config import ConfigError
 from train.data import DataError
 from train.checkpoint import CheckpointError, NonFiniteError
 from train.mesh import MeshError
+from train.rewards import RewardError
 from train.tokenizers import TokenizerError
 from train.workdir import RunError
 
-USER_ERRORS = (CheckpointError, ConfigError, DataError, MeshError, NonFiniteError, RunError,
-               TokenizerError)
+USER_ERRORS = (CheckpointError, ConfigError, DataError, MeshError, NonFiniteError, RewardError,
+               RunError, TokenizerError)
 
 
 # Library log lines that mislead here: TFDS calls every local corpus and generated task a "custom

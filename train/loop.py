@@ -237,6 +237,9 @@ class Run:
     self.flops_per_token = training_flops_per_token(self.model_cfg, dc.seq_len)
     self.peak = perf.peak_flops_per_s(self.model_cfg.dtype, tc.peak_flops)
     self.progress = Progress(tc.num_steps, int(self.state.step), enabled=self.chief)
+    self.on_policy = getattr(self.objective, 'on_policy', False)
+    if self.on_policy:
+      self.objective.prepare(self)
 
   def evaluate(self, max_batches: int) -> dict:
     """The validation metrics on `max_batches` batches (all when negative), and the
@@ -251,6 +254,8 @@ class Run:
     return self.layout.model_params(self.state.params, self.state.frozen)
 
   def _validation(self, max_batches: int) -> dict:
+    if self.on_policy:  # evaluated by generating
+      return self.objective.evaluate_run(self, max_batches)
     if self.eval_compiled is None:
       eval_fn = self.objective.eval_fn(self.model)
       self.eval_compiled = compile_eval_step(
@@ -285,19 +290,26 @@ class Run:
         f'{start} in {self.workdir}')
 
   def _call_sizes(self, step: int) -> Iterator[int]:
-    """Steps of each compiled call from `step` on: `steps_per_call`, cut so that calls end on
-    evaluation and checkpoint steps."""
+    """Steps of each compiled call from `step` on: `steps_per_call` (an on-policy objective's
+    updates per rollout), cut so that calls end on evaluation and checkpoint steps."""
     tc = self.config.train
+    per_call = (self.objective.updates_per_rollout() if self.on_policy else tc.steps_per_call)
     while step < tc.num_steps:
-      k = min(tc.steps_per_call, tc.num_steps - step)
+      k = min(per_call, tc.num_steps - step)
       for every in (tc.eval_every, tc.checkpoint_every):
         if every > 0:
           k = min(k, every - step % every)
       yield k
       step += k
 
-  def _next_batches(self, k: int):
-    return mesh_lib.put_batch(self.iterator.next(k), self.steps_sharding)
+  def _next_batches(self, k: int, step: int):
+    """(the next call's k batches on the devices, metrics of making them). An on-policy
+    objective makes them from one batch of prompts with the current parameters (a rollout)."""
+    if not self.on_policy:
+      return mesh_lib.put_batch(self.iterator.next(k), self.steps_sharding), {}
+    prompts = {name: x[0] for name, x in self.iterator.next(1).items()}
+    batches, metrics = self.objective.rollout(self.state, prompts, step)
+    return mesh_lib.put_batch(batches, self.steps_sharding), metrics
 
   def _executable(self, k: int, batches):
     """The multi-step of `k` steps, compiled ahead of its first call (and announced)."""
@@ -310,14 +322,15 @@ class Run:
 
   def train(self) -> dict:
     """The loop. Each call is dispatched, then the next call's batches are prepared and placed
-    while the device computes, and only then are the call's metrics read back."""
+    while the device computes, and only then are the call's metrics read back. (On-policy
+    objectives make the next batches from the updated parameters: after the read.)"""
     tc = self.config.train
     tokens_per_step = tc.batch_size * self.objective.tokens_per_example()
     self.report_start()
     step = int(self.state.step)
     sizes = self._call_sizes(step)
     k = next(sizes, 0)
-    batches = self._next_batches(k) if k else None
+    batches, made = self._next_batches(k, step) if k else (None, {})
     window = Window()
     final = None
     with StopRequest() as stop:
@@ -327,12 +340,15 @@ class Run:
         self.state, metrics = executable(self.state, batches)
         data_state = self.iterator.state()  # the position after this call's batches
         next_k = next(sizes, 0)
-        batches = self._next_batches(next_k) if next_k else None
+        if not self.on_policy:
+          batches, next_made = self._next_batches(next_k, step + k) if next_k else (None, {})
         losses, grad_norms = jax.device_get((metrics['loss'], metrics['grad_norm']))
         self._stop_on_non_finite(step, losses, grad_norms)
-        window.add_call(k * tokens_per_step)
+        call_s = window.add_call(k * tokens_per_step)
         rows = self._rows(step, losses, metrics, window)
         step += k
+        if made:  # the batches' own metrics (a rollout's rewards) go to the call's last row
+          rows.setdefault(step, {}).update(made, update_s=call_s)
         if step == tc.num_steps or (tc.eval_every > 0 and step % tc.eval_every == 0):
           whole = step == tc.num_steps
           final = self.evaluate(-1 if whole else tc.eval_batches)
@@ -350,7 +366,9 @@ class Run:
         if interrupted:
           self.checkpointer.wait()
           raise Interrupted(step, stop.signum)
-        k = next_k
+        if self.on_policy:
+          batches, next_made = self._next_batches(next_k, step) if next_k else (None, {})
+        k, made = next_k, next_made
     if final is None:  # resumed a finished run: report its validation metrics again
       final = self.evaluate(-1)
     return dict(final, step=step, compile_s=self.compile_s)
@@ -368,7 +386,11 @@ class Run:
       row = {'train_loss': float(np.mean(window.losses)),
              'lr': float(np.asarray(metrics['lr'])[i]),
              'grad_norm': float(np.asarray(metrics['grad_norm'])[i])}
-      if metrics['layers']:  # layers that report metrics (MoE) also add auxiliary losses
+      # The objective's other metrics at this step (KL, clip fraction, margins, ...); the
+      # auxiliary loss only where layers report metrics (MoE).
+      row.update({f'train_{name}': float(np.asarray(value)[i]) for name, value in metrics.items()
+                  if name not in ('loss', 'lr', 'grad_norm', 'layers', 'aux_loss')})
+      if metrics['layers']:
         row['aux_loss'] = float(np.asarray(metrics['aux_loss'])[i])
         if i == len(losses) - 1:
           row.update(flatten_layer_metrics(metrics['layers']))
@@ -418,6 +440,9 @@ class Window:
   def start(self):
     self._started = time.time()
 
-  def add_call(self, tokens: int):
-    self.seconds += time.time() - self._started
+  def add_call(self, tokens: int) -> float:
+    """Adds the call that `start` began; its seconds."""
+    seconds = time.time() - self._started
+    self.seconds += seconds
     self.tokens += tokens
+    return seconds

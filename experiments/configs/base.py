@@ -97,6 +97,26 @@ def get_config() -> ConfigDict:
                            targets=lora.DEFAULT_TARGETS))
   c.dpo = ConfigDict(dict(beta=0.1,                    # strength of the KL anchor to the reference
                           label_smoothing=0.0))        # conservative DPO: assumed label noise
+  # Reinforcement learning (train/objectives/rl.py): GRPO and PPO.
+  c.rl = ConfigDict(dict(
+      reward='',                 # module:function scoring (prompt, response, **fields)
+      accuracy='',               # module:function logged as accuracy (e.g. exact match)
+      reward_model='',           # PPO: the work directory of a reward-model run
+      group_size=4,              # answers sampled per prompt (GRPO's group)
+      max_new_tokens=16,
+      temperature=1.0,
+      top_p=1.0,
+      ppo_epochs=1,              # passes over each rollout
+      num_minibatches=1,         # optimizer steps per pass
+      epsilon=0.2,               # PPO's clip range of the probability ratio
+      beta=0.04,                 # KL to the reference: in the loss (GRPO), in the reward (PPO)
+      scale_rewards=True,        # GRPO: divide by the group's std (Dr. GRPO: False)
+      loss_normalization='token',  # token | sequence
+      gamma=1.0,                 # PPO's GAE
+      lam=0.95,
+      vf_coef=0.1,               # PPO's value-loss weight
+      value_clip=0.2,
+  ))
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))  # -1: the remaining devices
   return c

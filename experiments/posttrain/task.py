@@ -145,3 +145,10 @@ def write_documents(directory: str, docs: list[str]) -> str:
     with open(os.path.join(directory, f'part{i // 1000:04d}.txt'), 'w') as f:
       f.write('\n'.join(docs[i:i + 1000]))
   return directory
+
+
+def exact_match(prompt: str, response: str, answer: int, **fields) -> float:
+  """1 when the response is exactly the answer (surrounding spaces aside), else 0: the
+  verifiable reward of RL on this task (`rl.reward=experiments.posttrain.task:exact_match`)."""
+  del prompt, fields
+  return float(response.strip() == str(answer))

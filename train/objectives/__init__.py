@@ -6,6 +6,8 @@ An objective is a loss function plus the batches it eats, chosen by `train.objec
   sft      supervised fine-tuning on demonstrations, loss on the assistant's turns sft.py
   reward   a reward model: a scalar head, Bradley-Terry loss on preference pairs   reward.py
   dpo      direct preference optimisation against the frozen starting model        dpo.py
+  grpo     RL from a reward function, group-relative advantages (no critic)        rl.py
+  ppo      RLHF: PPO with a value head against a learned reward model               rl.py
 
 The loop owns everything else (mesh, state, checkpoints and exact resume, metrics, progress); it
 asks the objective for its data, its batches and its loss and evaluation functions (see
@@ -19,10 +21,12 @@ from train.objectives.base import Objective
 from train.objectives.dpo import DPO
 from train.objectives.lm import LanguageModeling
 from train.objectives.reward import RewardModel
+from train.objectives.rl import GRPO, PPO
 from train.objectives.sft import SFT
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    'lm': LanguageModeling, 'sft': SFT, 'reward': RewardModel, 'dpo': DPO}
+    'lm': LanguageModeling, 'sft': SFT, 'reward': RewardModel, 'dpo': DPO, 'grpo': GRPO,
+    'ppo': PPO}
 
 
 def make(config) -> Objective:
