@@ -17,6 +17,8 @@ from train.data import DataError
 from train.loop import train_and_evaluate
 from train.objectives import dpo as dpo_lib
 from train.objectives import reward as reward_lib
+from train.objectives import rl
+from train.rewards import RewardError
 from train.tokenizers import ByteTokenizer
 from tests.conftest import run_config, tiny
 
@@ -242,3 +244,92 @@ def test_sft_reward_and_dpo_runs_through_the_one_loop(sft_run):
   tuned, sft = load_run(dpo_dir), load_run(r['sft'])
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned.params),
                                                       jax.tree.leaves(sft.params)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reinforcement learning (train/objectives/rl.py).
+
+
+def test_group_advantages_centre_and_scale_each_group():
+  rewards = np.asarray([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 2.5]])
+  mean = rewards.mean(axis=1, keepdims=True)
+  std = rewards.std(axis=1, keepdims=True)
+  np.testing.assert_allclose(rl.group_advantages(rewards), (rewards - mean) / (std + 1e-6),
+                             rtol=1e-6)
+  np.testing.assert_allclose(rl.group_advantages(rewards, scale=False), rewards - mean)
+
+
+def test_at_ratio_one_the_clipped_loss_is_the_plain_policy_gradient():
+  logp = jnp.asarray([-1.0, -2.0, -0.5])
+  advantages = jnp.asarray([1.5, -0.7, 0.2])
+  loss = lambda lp: jnp.sum(rl.clipped_policy_loss(lp, jax.lax.stop_gradient(logp),
+                                                   advantages, 0.2)[0])
+  np.testing.assert_allclose(loss(logp), -jnp.sum(advantages), rtol=1e-6)  # ratio 1
+  np.testing.assert_allclose(jax.grad(loss)(logp), -advantages, rtol=1e-6)  # -A d log p
+  # Past the clip range the clipped term takes over and passes no gradient.
+  far = logp + jnp.asarray([0.5, -0.5, 0.5])
+  _, clipped = rl.clipped_policy_loss(far, logp, advantages, 0.2)
+  np.testing.assert_array_equal(clipped, [1.0, 1.0, 1.0])
+  np.testing.assert_allclose(jax.grad(lambda lp: jnp.sum(rl.clipped_policy_loss(
+      lp, logp, advantages, 0.2)[0]))(far), [0.0, 0.0, 0.0])
+
+
+def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
+  logp = jnp.log(jnp.asarray([0.2, 0.5, 0.3]))
+  np.testing.assert_array_equal(rl.k3_kl(logp, logp), np.zeros(3))
+  other = jnp.log(jnp.asarray([0.4, 0.4, 0.2]))
+  kl = np.asarray(rl.k3_kl(logp, other))
+  assert np.all(kl > 0)
+  ratio = np.exp(other - logp)  # e^(ref - logp) - (ref - logp) - 1, written out
+  np.testing.assert_allclose(kl, ratio - np.log(ratio) - 1, rtol=1e-5)
+
+
+def test_gae_by_hand():
+  # Three tokens, gamma 0.9, lambda 0.5; V = (1, 2, 3), the value after the last token 0.
+  rewards, values = [0.0, 1.0, 2.0], [1.0, 2.0, 3.0]
+  d2 = 2.0 - 3.0                                     # r + 0.9 * 0 - V
+  d1 = 1.0 + 0.9 * 3.0 - 2.0
+  d0 = 0.0 + 0.9 * 2.0 - 1.0
+  a2 = d2
+  a1 = d1 + 0.9 * 0.5 * a2
+  a0 = d0 + 0.9 * 0.5 * a1
+  advantages, returns = rl.gae(rewards, values, gamma=0.9, lam=0.5)
+  np.testing.assert_allclose(advantages, [a0, a1, a2])
+  np.testing.assert_allclose(returns, [a0 + 1.0, a1 + 2.0, a2 + 3.0])
+
+
+def sevens(prompt, response, **fields):
+  """A reward a tiny model learns in a few steps: the share of '7's in its answer."""
+  del prompt, fields
+  return response.count('7') / max(len(response), 1)
+
+
+def broken(prompt, response, **fields):
+  return 1 / 0
+
+
+def test_grpo_raises_its_reward_and_a_failing_reward_function_names_the_example(sft_run):
+  r = sft_run
+  prompts = write_lines(r['directory'] / 'prompts.jsonl', [
+      json.dumps({'prompt': f'{a}+{b}?', 'answer': a + b}) for a in range(10) for b in range(8)])
+  config = run_config(
+      r['tfds_dir'], data=dict(r['small'], path=prompts),
+      train=dict(r['train'], num_steps=24, objective='grpo', init_from=r['sft'], lr=3e-3,
+                 warmup_steps=0, schedule='constant', log_every=2, batch_size=8,
+                 checkpoint_every=0),
+      chat=dict(system='S:', user='U:', assistant='A:', end_of_turn='\n'),
+      rl=dict(reward='tests.test_posttrain:sevens', max_new_tokens=6, group_size=4,
+              num_minibatches=2, beta=0.0))
+  grpo = str(r['directory'] / 'grpo')
+  train_and_evaluate(config, grpo)
+  with open(os.path.join(grpo, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f if 'reward' in line]
+  rewards = [row['reward'] for row in rows if 'reward' in row]
+  assert len(rewards) == 12 and np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1
+  assert {'train_kl', 'train_clip_fraction', 'train_entropy', 'rollout_s', 'update_s',
+          'response_length'} <= set(rows[-1])
+
+  config.rl.reward = 'tests.test_posttrain:broken'
+  with pytest.raises(RewardError, match=r'the reward function failed on step 0, answer 0 '
+                                        r'\(prompt .*ZeroDivisionError'):
+    train_and_evaluate(config, str(r['directory'] / 'broken'))
