@@ -34,5 +34,11 @@ setup(
         'threadpoolctl>=3.1',            # one BLAS thread for the scaling fits' tiny problems
         'tqdm>=4.66',
     ],
-    extras_require={'dev': ['pytest>=8', 'pytest-xdist>=3.5']},  # tests run in parallel (-n auto)
+    extras_require={
+        'dev': ['pytest>=8', 'pytest-xdist>=3.5'],  # tests run in parallel (-n auto)
+        # The TPU compiler, for --compile_for on a machine without TPUs (docs/tpu.md): jax's own
+        # tpu extra pins the libtpu built for this jax (0.0.42). Linux only, 213 MB; not in dev,
+        # which must install anywhere (CI installs both).
+        'tpu': ['jax[tpu]==0.10.2'],
+    },
 )

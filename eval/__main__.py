@@ -30,7 +30,7 @@ def main(argv):
   f = flags.FLAGS
   run = load_run(f.workdir, f.step, f.config)
   data = run.objective.data(f.workdir, None)
-  eval_step = compile_eval_step(run.objective.eval_fn(run.model), run.objective.eval_spec(),
+  eval_step = compile_eval_step(run.eval_step(), run.objective.eval_spec(),
                                 run.mesh, run.params, run.frozen)
   result = evaluate(eval_step, run.params, run.frozen, run.objective, data, run.mesh)
   result['step'] = run.step

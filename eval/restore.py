@@ -30,6 +30,12 @@ class TrainedRun:
   objective: Any = None
   head: str = 'logits'
 
+  def eval_step(self):
+    """The objective's evaluation step for these parameters (train.loop.sharded_eval_step)."""
+    from train.loop import sharded_eval_step
+    shardings = jax.tree.map(lambda x: x.sharding, (self.params, self.frozen))
+    return sharded_eval_step(self.objective, self.model, self.mesh, *shardings)
+
 
 def load_run(workdir: str, step: int | None = None,
              config: ml_collections.ConfigDict | None = None) -> TrainedRun:

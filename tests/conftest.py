@@ -1,5 +1,6 @@
 """Shared fixtures: tiny model configs and the shared tiny-shakespeare corpus."""
 
+import importlib.util
 import os
 
 # Tests check behaviour, not speed: XLA's backend optimisations off halves every compile, and the
@@ -11,8 +12,16 @@ import pytest  # noqa: E402
 
 from experiments.configs import base  # noqa: E402
 from model import ModelConfig  # noqa: E402
+from train.mesh import skip_absent_tpu  # noqa: E402
+
+skip_absent_tpu()  # CI installs libtpu (tests/test_compile_for.py): JAX must not try a TPU here
 
 SHAKESPEARE = base.TINY_SHAKESPEARE
+
+# Tests that compile for a TPU slice (train/compile_for.py) need libtpu; CI installs it.
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec('libtpu') is None,
+    reason="needs libtpu, the TPU compiler: pip install -e '.[tpu]' (CI installs it)")
 
 
 def tiny(**overrides) -> ModelConfig:

@@ -1,6 +1,8 @@
 """python -m train --config=experiments/configs/shakespeare_char.py --workdir=DIR [--config.k=v]
 
 Trains the configured model in DIR, resuming from its latest checkpoint when there is one.
+With --compile_for=TOPOLOGY (e.g. v5p:2x2x2) it trains nothing: it compiles the run for that TPU
+slice on this machine and reports whether it fits and how fast it should run (docs/tpu.md).
 
 On several hosts, run the same command on each: `jax.distributed` starts first (see --distributed),
 and every process trains its share of each batch on the mesh of all hosts' devices.
@@ -26,6 +28,11 @@ flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host GPU/CPU).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host GPU/CPU).')
 flags.DEFINE_integer('process_id', None, 'This process\'s index, 0 .. num_processes - 1.')
+flags.DEFINE_string('compile_for', None,
+                    'A TPU slice, GENERATION:AxB[xC] in chips (v5e:4x4, v5p:2x2x2): compile this '
+                    'run for it ahead of time on this machine (libtpu: pip install -e ".[tpu]"), '
+                    'print per chip whether it fits and its estimated speed, write '
+                    'DIR/compile.json; trains nothing (docs/tpu.md).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -39,6 +46,10 @@ def main(argv):
   from train import mesh as mesh_lib
   from train.errors import quiet_libraries
   quiet_libraries()
+  if f.compile_for:
+    from train.compile_for import compile_for
+    compile_for(f.config, f.workdir, f.compile_for)
+    return
   mesh_lib.initialize_distributed(f.distributed, f.coordinator_address, f.num_processes,
                                   f.process_id)
   config = f.config

@@ -97,15 +97,19 @@ def require_config(config) -> None:
 def run(main, errors: tuple[type[Exception], ...] = ()) -> None:
   """app.run(main) with `parse_flags`; USER_ERRORS and `errors` from main are reported as one
   line, not a traceback, with exit status 2. A run stopped by a signal (train.preemption) says
-  where it stopped, with 128 + the signal's number; Ctrl-C anywhere else, 130."""
+  where it stopped, with 128 + the signal's number; Ctrl-C anywhere else, 130. Where libtpu is
+  installed but no TPU attached, JAX starts on the CPU without trying TPU
+  (`mesh.skip_absent_tpu`)."""
   def main_reporting_user_errors(argv):
     # After flag parsing: --help need not import JAX.
     from train.errors import USER_ERRORS
+    from train.mesh import skip_absent_tpu
     from train.preemption import Interrupted
     if len(argv) > 1:
       print(f'error: unexpected arguments {argv[1:]}; every value is given as --flag=value',
             file=sys.stderr)
       sys.exit(2)
+    skip_absent_tpu()  # before main creates a JAX backend
     try:
       return main(argv)
     except (*USER_ERRORS, *errors) as e:

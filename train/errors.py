@@ -1,6 +1,7 @@
 """Command-line hygiene. The errors that mean 'the input is wrong', reported as one clear line rather than a traceback."""
 
 from model.config import ConfigError
+from train.compile_for import TopologyError
 from train.data import DataError
 from train.checkpoint import CheckpointError, NonFiniteError
 from train.mesh import MeshError
@@ -9,13 +10,14 @@ from train.tokenizers import TokenizerError
 from train.workdir import RunError
 
 USER_ERRORS = (CheckpointError, ConfigError, DataError, MeshError, NonFiniteError, RewardError,
-               RunError, TokenizerError)
+               RunError, TokenizerError, TopologyError)
 
 
 # Library log lines that mislead here: TFDS calls every local corpus and generated task a "custom
 # data configuration" (they are ours: that is how they are named), and warns that a dataset it is
 # about to prepare has no dataset_info.json yet.
 _MISLEADING = ('Using custom data configuration', 'Variant folder')
+
 
 
 def quiet_libraries() -> None:

@@ -11,18 +11,14 @@ from train.objectives import Objective
 from train.progress import bar, phase
 
 
-def compile_eval_step(eval_fn, spec: dict, mesh, params, frozen):
-  """`eval_fn(params, frozen, batch) -> sums` as one jit over the mesh (the logical-axis rules
-  active), compiled for batches of `spec` ({name: (global shape, dtype)}, an objective's
-  eval_spec) with the shardings of `params` and `frozen`; the sums come out replicated."""
+def compile_eval_step(eval_step, spec: dict, mesh, params, frozen):
+  """The jitted `eval_step(params, frozen, batch) -> sums` (train.loop.compiled_calls) compiled
+  ahead for batches of `spec` ({name: (global shape, dtype)}, an objective's eval_spec)."""
   sharding = mesh_lib.batch_sharding(mesh)
-  shardings = jax.tree.map(lambda x: x.sharding, (params, frozen))
-  step = mesh_lib.jit(eval_fn, mesh, in_shardings=(*shardings, sharding),
-                      out_shardings=mesh_lib.replicated(mesh))
   batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
            for name, (shape, dtype) in spec.items()}
   with phase('compiling the evaluation step'):
-    return step.lower(params, frozen, batch).compile()
+    return eval_step.lower(params, frozen, batch).compile()
 
 
 def evaluate(eval_step, params, frozen, objective: Objective, data, mesh,

@@ -55,7 +55,8 @@ def state_shardings(model: LM, optimizer, mesh, layout: Layout | None = None):
   """The train state's NamedShardings on `mesh`. A parameter dimension that the mesh does not
   divide fails here, before anything compiles."""
   abstract = jax.eval_shape(_init_fn(layout or Layout(model), optimizer, seed=0))
-  mesh_lib.check_params((abstract.params, abstract.frozen), mesh)
+  for params in (abstract.params, abstract.frozen):  # frozen: a reference model, LoRA's base
+    mesh_lib.check_params(params, mesh)
   return mesh_lib.logical_shardings(abstract, mesh)
 
 
@@ -70,6 +71,54 @@ def init_state(model: LM, optimizer, mesh, seed: int, shardings=None,
   # initialisers of a large tree takes seconds.
   init = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings).lower()
   return init.compile({'xla_backend_optimization_level': 0})(), shardings
+
+
+def abstract_state(model: LM, optimizer, mesh, layout: Layout | None = None):
+  """The train state as ShapeDtypeStructs with its shardings on `mesh`, nothing allocated: what
+  `init_state` creates, for compiling ahead of time (train/compile_for.py)."""
+  layout = layout or Layout(model)
+  shardings = state_shardings(model, optimizer, mesh, layout)
+  abstract = jax.eval_shape(lambda: nn.unbox(_init_fn(layout, optimizer, seed=0)()))
+  return ckpt_lib.abstract_like(abstract, shardings)
+
+
+def check_batches(train_cfg, mesh) -> None:
+  """Raises MeshError unless the training (micro-)batch and the eval batch split over the mesh."""
+  tc = train_cfg
+  mesh_lib.check_batch(tc.batch_size // tc.grad_accum_steps, mesh,
+                       'train.batch_size' if tc.grad_accum_steps == 1 else
+                       'the micro-batch train.batch_size / train.grad_accum_steps')
+  mesh_lib.check_batch(tc.eval_batch_size, mesh, 'train.eval_batch_size')
+
+
+def compiled_calls(model: LM, optimizer, train_cfg, mesh, shardings, objective,
+                   layout: Layout | None = None):
+  """What a run compiles: (the multi-step train call, the eval step or None) on `mesh`, for the
+  objective's loss and evaluation on the parameters the layout turns into the model's."""
+  layout = layout or Layout(model)
+  loss_fn = objective.loss_fn(model)
+  train_step = step_lib.make_train_step(
+      model, optimizer, optim.learning_rate_schedule(train_cfg), train_cfg.seed,
+      train_cfg.grad_accum_steps,
+      loss_fn=lambda params, batch, rng, frozen: loss_fn(layout.model_params(params, frozen),
+                                                         batch, rng, frozen))
+  eval_step = None
+  if not getattr(objective, 'on_policy', False):  # those evaluate by generating
+    eval_step = sharded_eval_step(objective, model, mesh, shardings.params, shardings.frozen,
+                                  layout)
+  return sharded_multi_step(train_step, mesh, shardings), eval_step
+
+
+def sharded_eval_step(objective, model: LM, mesh, param_shardings, frozen_shardings,
+                      layout: Layout | None = None):
+  """The objective's eval_fn as one jit over the mesh (the rules active): step(params, frozen,
+  batch) -> replicated sums, batches split over the batch axes."""
+  layout = layout or Layout(model)
+  eval_fn = objective.eval_fn(model)
+  return mesh_lib.jit(
+      lambda params, frozen, batch: eval_fn(layout.model_params(params, frozen), frozen, batch),
+      mesh, in_shardings=(param_shardings, frozen_shardings, mesh_lib.batch_sharding(mesh)),
+      out_shardings=mesh_lib.replicated(mesh))
 
 
 def sharded_multi_step(train_step, mesh, shardings):
@@ -162,10 +211,7 @@ class Run:
     config_lib.check_run_config(config)
     workdir_lib.check_model_section(config.model)
     self.mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_batch(tc.batch_size // tc.grad_accum_steps, self.mesh,
-                         'train.batch_size' if tc.grad_accum_steps == 1 else
-                         'the micro-batch train.batch_size / train.grad_accum_steps')
-    mesh_lib.check_batch(tc.eval_batch_size, self.mesh, 'train.eval_batch_size')
+    check_batches(tc, self.mesh)
     saved = workdir_lib.load_config(workdir)
     if saved is not None:
       workdir_lib.check_compatible(saved, config, workdir)
@@ -224,13 +270,9 @@ class Run:
         self.objective.train_dataset(self.data, *mesh_lib.process_batch_block(self.mesh)),
         start=data_start)
 
-    loss_fn = self.objective.loss_fn(model)
-    train_step = step_lib.make_train_step(
-        model, optimizer, optim.learning_rate_schedule(tc), tc.seed, tc.grad_accum_steps,
-        loss_fn=lambda params, batch, rng, frozen: loss_fn(
-            self.layout.model_params(params, frozen), batch, rng, frozen))
+    self.multi_step, self.eval_step = compiled_calls(model, optimizer, tc, self.mesh, shardings,
+                                                     self.objective, self.layout)
     self.steps_sharding = mesh_lib.batch_sharding(self.mesh, leading_axes=1)
-    self.multi_step = sharded_multi_step(train_step, self.mesh, shardings)
     self.compiled = {}  # steps per call -> the compiled multi-step
     self.compile_s = 0.0
     self.eval_compiled = None
@@ -257,11 +299,8 @@ class Run:
     if self.on_policy:  # evaluated by generating
       return self.objective.evaluate_run(self, max_batches)
     if self.eval_compiled is None:
-      eval_fn = self.objective.eval_fn(self.model)
-      self.eval_compiled = compile_eval_step(
-          lambda params, frozen, batch: eval_fn(self.layout.model_params(params, frozen),
-                                                frozen, batch),
-          self.objective.eval_spec(), self.mesh, self.state.params, self.state.frozen)
+      self.eval_compiled = compile_eval_step(self.eval_step, self.objective.eval_spec(),
+                                             self.mesh, self.state.params, self.state.frozen)
     return evaluate(self.eval_compiled, self.state.params, self.state.frozen, self.objective,
                     self.data, self.mesh, max_batches)
 

@@ -212,6 +212,25 @@ def process_batch_block(mesh: Mesh) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # Multi-host start-up.
 
+def skip_absent_tpu(environ=os.environ) -> bool:
+  """Keeps JAX from starting a TPU backend where no TPU is attached but libtpu is installed (for
+  --compile_for); returns whether it did. JAX skips CUDA where no GPU is visible but tries TPU
+  whenever libtpu is installed: the attempt fails after libtpu prints errors about the missing TPU
+  metadata, at every start-up (jax-ml/jax#11668). At import, JAX sets `jax_platforms` to
+  'tpu,cpu' when it finds TPU chips; when it found none, nothing else chose the platforms
+  (JAX_PLATFORMS) and no other accelerator plugin is installed, the CPU is all JAX could start,
+  and this says so. Call it before anything creates a JAX backend."""
+  import importlib.metadata
+  import importlib.util
+  libtpu = environ.get('TPU_LIBRARY_PATH') or importlib.util.find_spec('libtpu')
+  others = (importlib.util.find_spec('jax_plugins')
+            or list(importlib.metadata.entry_points(group='jax_plugins')))
+  if (not libtpu or jax.config.jax_platforms or others or 'JAX_FORCE_TPU_INIT' in environ):
+    return False
+  jax.config.update('jax_platforms', 'cpu')
+  return True
+
+
 # Environment variables in which launchers give the number of processes they started.
 _PROCESS_COUNTS = ('JAX_NUM_PROCESSES', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
 

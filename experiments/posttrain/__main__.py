@@ -124,7 +124,7 @@ def reward_model_accuracy(run_dir: str, config, problems) -> float:
                             {'role': 'assistant', 'content': r['rejected']}])
              for r in task.preference_pairs(problems.test, config.task.seed + 1)]
   examples = run.objective.encode(run.tokenizer, run.template, records, 'test')
-  step = compile_eval_step(run.objective.eval_fn(run.model), run.objective.eval_spec(),
+  step = compile_eval_step(run.eval_step(), run.objective.eval_spec(),
                            run.mesh, run.params, run.frozen)
   metrics = evaluate(step, run.params, run.frozen, run.objective,
                      Data(run.tokenizer, None, examples), run.mesh)

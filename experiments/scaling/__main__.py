@@ -3,6 +3,8 @@
   python -m experiments.scaling --workdir=DIR --config=experiments/configs/scaling_cpu.py \
       [--shard=i/n] [--config.sweep.depths=2,4,6] [--config.data.path=...]
   python -m experiments.scaling --workdir=DIR --config=... --dry_run   # the grid and its FLOPs
+  python -m experiments.scaling --workdir=DIR --config=... --dry_run --compile_for=v5e:4x4
+                                                 # ... and each run's fit and time on a TPU slice
   python -m experiments.scaling --workdir=DIR                 # fit and plot DIR/runs.jsonl again
   python -m experiments.scaling --workdir=OUT --compare=DIR1,DIR2   # several sweeps, one figure
 
@@ -42,6 +44,7 @@ from ml_collections import config_flags
 
 from train import cli
 from train.progress import say
+
 
 RUNS_FILE = 'runs.jsonl'
 SUMMARY_FILE = 'summary.json'
@@ -113,8 +116,8 @@ def grid(config, vocab: int) -> list[Point]:
         raise ConfigError(f'sweep.tokens={tokens} is {steps} steps of {tokens_per_step} tokens, '
                           f'not more than train.warmup_steps={tc.warmup_steps}; raise the budget '
                           f'or lower the warmup')
-      c = ml_collections.ConfigDict({k: config[k].to_dict() for k in ('model', 'data', 'train',
-                                                                      'mesh')})
+      # Each run's config is the sweep's, less the grid: the loop reads every other section.
+      c = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items() if k != 'sweep'})
       c.model.update(size_rule(sweep, depth))
       c.train.num_steps = steps
       model_cfg = ModelConfig.from_dict(dict(c.model.to_dict(), vocab_size=vocab))
@@ -326,12 +329,21 @@ def main(argv):
   from train.errors import quiet_libraries
   quiet_libraries()
   f = flags.FLAGS
+  if f.compile_for and not f.dry_run:
+    raise SweepError('--compile_for checks the grid without training: add --dry_run')
   if f.compare:
     compare(f.compare, f.workdir, f.bootstrap)
   elif f.config is None:
     analyze(f.workdir, f.bootstrap)
   elif f.dry_run:
-    say(plan(grid(f.config, vocab_size(f.config, f.workdir))))
+    vocab = vocab_size(f.config, f.workdir)
+    points = grid(f.config, vocab)
+    say(plan(points))
+    if f.compile_for:
+      from train.compile_for import check_runs
+      check_runs([(p.name, p.config) for p in points], f.compile_for, vocab,
+                 os.path.join(f.workdir, f'compile_{f.compile_for.replace(":", "_")}.json'))
+
   else:
     sweep(f.config, f.workdir, parse_shard(f.shard), f.bootstrap)
 
@@ -345,5 +357,8 @@ if __name__ == '__main__':
   flags.DEFINE_list('compare', [], 'Sweep directories to compare on one figure in --workdir.')
   flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the fits\' intervals.')
   flags.DEFINE_bool('dry_run', False, 'Print the grid (N, D, FLOPs of every run) and stop.')
+  flags.DEFINE_string('compile_for', None, 'With --dry_run: compile every run for this TPU slice '
+                      '(e.g. v5e:4x4; needs libtpu) and report whether it fits and its estimated '
+                      'time (train/compile_for.py, docs/tpu.md).')
   flags.mark_flag_as_required('workdir')
   cli.run(main, errors=(SweepError,))
