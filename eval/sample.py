@@ -1,8 +1,10 @@
-"""python -m eval.sample --workdir=DIR --prompt="ROMEO:" [--temperature --top_k --top_p
---max_new_tokens --num_samples --seed --stop --step] [--config.x.y=...]
+"""python -m eval.sample --workdir=DIR --prompt="ROMEO:" [--chat] [--temperature --top_k
+--top_p --max_new_tokens --num_samples --seed --stop --step] [--config.x.y=...]
 
 Prints the prompt and its continuation, generated with the KV cache (per-layer decoding state).
-Temperature 0 is greedy and deterministic. --config is the run's own config, whose values
+Temperature 0 is greedy and deterministic. With --chat (a post-trained run, which stores its chat
+template), the prompt is a user's message: the model reads it in the template and answers until
+its end of turn, and only the answer is printed. --config is the run's own config, whose values
 `--config.x.y=...` overrides.
 """
 
@@ -15,7 +17,9 @@ from train import cli
 
 flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to sample from (default: the latest).')
-flags.DEFINE_string('prompt', '\n', 'Text to continue.')
+flags.DEFINE_string('prompt', '\n', 'Text to continue (with --chat: the user\'s message).')
+flags.DEFINE_bool('chat', False, 'Answer the prompt as a user\'s message in the run\'s chat '
+                  'template, stopping at its end of turn.')
 flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
 flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0: all.')
 flags.DEFINE_float('top_p', 1.0, 'Sample among the smallest set of tokens with this much '
@@ -38,7 +42,7 @@ def main(argv):
   from eval.restore import load_run
   from model.config import check_context
   from train.errors import quiet_libraries
-  from train.chat import unescape
+  from train.chat import encode, unescape
   from train.tokenizers import TokenizerError
   quiet_libraries()
   f = flags.FLAGS
@@ -46,7 +50,15 @@ def main(argv):
   run = load_run(f.workdir, f.step, f.config)
   if not f.prompt:
     raise TokenizerError('the prompt is empty; give at least one character to continue')
-  prompt = run.tokenizer.encode(f.prompt)
+  stop = run.tokenizer.eos_id
+  if f.chat:
+    if run.template is None:
+      raise TokenizerError(f'{f.workdir} has no chat template (a pretraining run); --chat needs a '
+                           f'run post-trained with a chat template (sft, reward, dpo, grpo, ppo)')
+    prompt = encode(run.tokenizer, run.template.prompt([{'role': 'user', 'content': f.prompt}]))[0]
+    stop = int(run.tokenizer.encode(run.template.end_of_turn)[0])
+  else:
+    prompt = run.tokenizer.encode(f.prompt)
   check_context(run.model_cfg, len(prompt) + f.max_new_tokens,
                 'the prompt plus --max_new_tokens')
   model = run.model
@@ -55,7 +67,6 @@ def main(argv):
     # Past its training context a model meets position offsets it never saw; like nanoGPT's
     # cropping, attend to the last `context` tokens only.
     model = type(model)(run.model_cfg.replace(attention_window=context))
-  stop = run.tokenizer.eos_id
   if f.stop is not None:
     ids = run.tokenizer.encode(unescape(f.stop))  # "\\n" names a newline
     if len(ids) != 1:
@@ -67,8 +78,9 @@ def main(argv):
   for row in np.asarray(tokens):
     new = row[len(prompt):].tolist()
     if stop is not None and stop in new:
-      new = new[:new.index(stop) + (0 if stop == run.tokenizer.eos_id else 1)]
-    print(f.prompt + run.tokenizer.decode(new))
+      # The end of text or of a turn is not printed; a --stop token is.
+      new = new[:new.index(stop) + (0 if f.chat or stop == run.tokenizer.eos_id else 1)]
+    print(run.tokenizer.decode(new) if f.chat else f.prompt + run.tokenizer.decode(new))
     if f.num_samples > 1:
       print('-' * 40)
 

@@ -3,6 +3,8 @@ their formulas, LoRA, and the path base -> SFT -> reward model / DPO through the
 
 import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -244,6 +246,27 @@ def test_sft_reward_and_dpo_runs_through_the_one_loop(sft_run):
   tuned, sft = load_run(dpo_dir), load_run(r['sft'])
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned.params),
                                                       jax.tree.leaves(sft.params)))
+
+
+def test_sample_chat_answers_in_the_template_and_a_base_run_has_none(sft_run):
+  """eval.sample --chat prints the greedy answer that eval.respond gives in the template."""
+  from eval.respond import chat_prompt, respond
+  r, root = sft_run, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def sample(workdir):
+    return subprocess.run(
+        [sys.executable, '-m', 'eval.sample', f'--workdir={workdir}', '--chat', '--prompt=3+4?',
+         '--temperature=0', '--max_new_tokens=4'], cwd=root, capture_output=True, text=True)
+
+  run = load_run(r['sft'])
+  eos = int(run.tokenizer.encode(run.template.end_of_turn)[0])
+  [answer] = respond(run.model, run.params, [chat_prompt(run.tokenizer, run.template, '3+4?')],
+                     max_new_tokens=4, eos_id=eos)
+  result = sample(r['sft'])
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == run.tokenizer.decode(answer) + '\n'
+  result = sample(r['base'])
+  assert result.returncode == 2 and 'has no chat template' in result.stderr, result.stderr
 
 
 # ---------------------------------------------------------------------------------------------

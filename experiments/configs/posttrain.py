@@ -6,13 +6,16 @@ Every stage is a normal training run in DIR/<stage>/ (resumable; re-running skip
 stages). The task (experiments/posttrain/task.py): a + b with operands up to task.max_operand;
 the base model reads documents of sums as equations and prose, task.error_rate of them wrong;
 SFT teaches the chat format on demonstrations; the reward model learns right answers from wrong
-ones; DPO starts from SFT on pairs sampled from it, labelled by correctness. The measured
+ones; DPO starts from SFT on pairs sampled from it, labelled by correctness; GRPO starts from SFT
+with the exact-match reward, RLHF (PPO) from SFT against the reward model. The measured
 accuracies and wall time are in docs/posttrain.md.
 """
 
 from ml_collections import ConfigDict
 
 from experiments.configs import base
+
+EXACT_MATCH = 'experiments.posttrain.task:exact_match'
 
 
 def get_config():
@@ -42,7 +45,15 @@ def get_config():
       sft=ConfigDict(dict(num_steps=300, lr=3e-4, warmup_steps=20)),
       reward=ConfigDict(dict(num_steps=300, lr=3e-4, warmup_steps=20)),
       dpo=ConfigDict(dict(num_steps=150, lr=3e-5, warmup_steps=10, batch_size=16)),
+      # RL: each step is a rollout of batch_size prompts x rl.group_size answers, then updates.
+      grpo=ConfigDict(dict(num_steps=60, lr=1e-5, warmup_steps=0, schedule='constant',
+                           batch_size=16, log_every=5, checkpoint_every=20,
+                           rl=dict(reward=EXACT_MATCH, accuracy=EXACT_MATCH))),
+      rlhf=ConfigDict(dict(num_steps=60, lr=1e-5, warmup_steps=0, schedule='constant',
+                           batch_size=16, log_every=5, checkpoint_every=20,
+                           rl=dict(accuracy=EXACT_MATCH))),  # reward: the reward stage's run
   ))
+  c.rl.update(group_size=8, max_new_tokens=6, temperature=1.0, num_minibatches=2, beta=0.04)
   c.dpo.beta = 0.1
   # DPO's pairs: answers sampled from the SFT model, a right and a wrong one per prompt.
   c.sampling = ConfigDict(dict(num_prompts=3_000, samples_per_prompt=4, temperature=1.0))

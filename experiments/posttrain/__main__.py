@@ -7,13 +7,17 @@ checked (integer addition, experiments/posttrain/task.py):
   sft     teaches the chat format on demonstrations (from base)
   reward  a reward model on pairs, the right answer against a wrong one (from sft)
   dpo     DPO on pairs sampled from the SFT model and labelled by correctness (from sft)
+  grpo    GRPO with the exact-match reward, on held-out training questions (from sft)
+  rlhf    PPO against the reward model's score, the KL penalty in the reward (from sft)
 
 Each stage is a normal training run in DIR/<stage>/ (`python -m train`'s loop with that stage's
 objective, `train.init_from` the stage before it), resumable; re-running skips finished stages.
 Every model is measured by held-out exact-match accuracy on the test problems, greedy: the base
 model zero-shot in the chat template and few-shot in its own format (`a + b = c` lines), the
 others in the chat template; the reward model by its pairwise accuracy on held-out pairs. Writes
-DIR/summary.json ({"accuracy": {stage: ...}, "reward_model_accuracy": ...}) and DIR/accuracy.png.
+DIR/summary.json ({"accuracy": {stage: ...}, "reward_model_accuracy": ..., "rl": {stage: first
+and last reward, accuracy and KL}}), DIR/accuracy.png and DIR/rl_curves.png (reward, exact-match
+accuracy of the rollouts and KL to the reference over the RL steps).
 """
 
 from __future__ import annotations
@@ -31,15 +35,19 @@ from ml_collections import config_flags
 from train import cli
 
 DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'posttrain.py')
-STAGES = ('base', 'sft', 'reward', 'dpo')
-RUN_SECTIONS = ('model', 'data', 'train', 'mesh', 'chat', 'lora', 'dpo')
+STAGES = ('base', 'sft', 'reward', 'dpo', 'grpo', 'rlhf')
+RUN_SECTIONS = ('model', 'data', 'train', 'mesh', 'chat', 'lora', 'dpo', 'rl')
+RL_STAGES = ('grpo', 'rlhf')
 
 
 def stage_config(config, stage: str, data_path: str, init_from: str = '',
-                 objective: str = 'lm') -> ml_collections.ConfigDict:
-  """A stage's training config: the run sections with the stage's train.* settings."""
+                 objective: str = 'lm', rl: dict | None = None) -> ml_collections.ConfigDict:
+  """A stage's training config: the run sections with the stage's train.* settings and rl.*
+  settings (the stage's `rl`, then `rl`)."""
   c = ml_collections.ConfigDict({k: config[k].to_dict() for k in RUN_SECTIONS})
-  c.train.update(config.stages[stage].to_dict())
+  settings = config.stages[stage].to_dict()
+  c.rl.update(settings.pop('rl', {}), **(rl or {}))
+  c.train.update(settings)
   c.train.update(objective=objective, init_from=init_from)
   c.data.path = data_path
   return c
@@ -166,6 +174,37 @@ def sampled_pairs(sft_dir: str, config, problems, path: str) -> str:
   return task.write_jsonl(path, pairs)
 
 
+def rl_curves(run_dir: str) -> dict:
+  """An RL stage's per-step reward, rollout accuracy and KL (from DIR/<stage>/metrics.jsonl)."""
+  curves = {'step': [], 'reward': [], 'accuracy': [], 'kl': []}
+  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+    for row in map(json.loads, f):
+      if 'reward' in row:
+        for key, field in (('step', 'step'), ('reward', 'reward'), ('accuracy', 'accuracy'),
+                           ('kl', 'train_kl')):
+          curves[key].append(row.get(field, float('nan')))
+  return curves
+
+
+def plot_rl(curves: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  panels = (('reward', 'reward (GRPO: exact match; RLHF: reward model)'),
+            ('accuracy', 'exact-match accuracy of the rollouts'), ('kl', 'KL to the reference'))
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  for ax, (key, title) in zip(axes, panels):
+    for stage, c in curves.items():
+      ax.plot(c['step'], c[key], label=stage, alpha=0.85)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel('RL step')
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot(summary: dict, path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
@@ -222,21 +261,38 @@ def main(argv):
                     os.path.join(data_dir, 'dpo.jsonl'))
   dpo = timed('dpo', train_stage, config, workdir, 'dpo', data_path=dpo_pairs, init_from=sft,
               objective='dpo')
+  # RL prompts: training questions that neither SFT's demonstrations nor the reward model's
+  # pairs used, with their answers for the exact-match reward.
+  rl_prompts = task.write_jsonl(
+      os.path.join(data_dir, 'rl.jsonl'),
+      [{'prompt': task.question(a, b), 'answer': int(a + b)}
+       for a, b in problems.train[t.num_demonstrations:len(problems.train) - t.num_pairs]])
+  grpo = timed('grpo', train_stage, config, workdir, 'grpo', data_path=rl_prompts,
+               init_from=sft, objective='grpo')
+  rlhf = timed('rlhf', train_stage, config, workdir, 'rlhf', data_path=rl_prompts,
+               init_from=sft, objective='ppo', rl={'reward_model': reward})
   results = {stage: timed(f'{stage}_eval', accuracies, path, config, problems,
                           chat=stage != 'base')
-             for stage, path in (('base', base), ('sft', sft), ('dpo', dpo))}
+             for stage, path in (('base', base), ('sft', sft), ('dpo', dpo), ('grpo', grpo),
+                                 ('rlhf', rlhf))}
+  curves = {stage: rl_curves(path) for stage, path in (('grpo', grpo), ('rlhf', rlhf))}
   summary = {
       'accuracy': {'base': results['base']['chat'],
                    'base_few_shot': results['base']['few_shot'],
-                   'sft': results['sft']['chat'], 'dpo': results['dpo']['chat']},
+                   **{stage: results[stage]['chat'] for stage in ('sft', 'dpo', *RL_STAGES)}},
       'reward_model_accuracy': timed('reward_eval', reward_model_accuracy, reward, config,
                                      problems),
       'num_test': len(problems.test),
+      'rl': {stage: {f'{key}_{end}': c[key][i] for key in ('reward', 'accuracy', 'kl')
+                     for end, i in (('first', 0), ('last', -1))}
+             for stage, c in curves.items()},
+      'rl_curves': curves,
       'samples': {stage: r for stage, r in results.items()},
       'stage_wall_s': times, 'wall_s': time.time() - start}
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   plot(summary, os.path.join(workdir, 'accuracy.png'))
+  plot_rl(curves, os.path.join(workdir, 'rl_curves.png'))
   say('accuracy: ' + ', '.join(f'{k} {100 * v:.1f}%' for k, v in summary['accuracy'].items())
       + f'; reward model {100 * summary["reward_model_accuracy"]:.1f}%; '
       f'{summary["wall_s"]:.0f} s')
