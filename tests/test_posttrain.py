@@ -356,3 +356,44 @@ def test_grpo_raises_its_reward_and_a_failing_reward_function_names_the_example(
   with pytest.raises(RewardError, match=r'the reward function failed on step 0, answer 0 '
                                         r'\(prompt .*ZeroDivisionError'):
     train_and_evaluate(config, str(r['directory'] / 'broken'))
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment's task (experiments/posttrain/task.py) and its stages' configs.
+
+def test_the_addition_task_holds_out_its_test_problems_and_labels_pairs_right(tmp_path):
+  import re
+  from ml_collections import ConfigDict
+  from experiments.configs import posttrain as posttrain_config
+  from experiments.posttrain import task
+  from experiments.posttrain.__main__ import stage_config
+  cfg = ConfigDict(dict(max_operand=19, num_train=300, num_test=50, seed=3,
+                        tfds_data_dir=str(tmp_path)))
+  problems = task.load(cfg)
+  train = {tuple(p) for p in problems.train}
+  assert len(train) == 300 and len({tuple(p) for p in problems.test} | train) == 350
+  assert problems.train.min() >= 0 and problems.train.max() <= 19
+  with pytest.raises(task.ConfigError, match='make only 400'):
+    task.load(ConfigDict(dict(cfg, num_train=390)))
+
+  # About error_rate of the documents' sums are wrong; every line states one sum.
+  lines = '\n'.join(task.documents(problems.train, 0.25, 20, seed=0)).split('\n')
+  sums = [tuple(map(int, re.findall(r'\d+', line))) for line in lines if line]
+  assert len(sums) == 300
+  wrong = np.mean([a + b != c for a, b, c in sums])
+  assert 0.15 < wrong < 0.35, wrong
+  for r in task.preference_pairs(problems.train, seed=0):
+    a, b = map(int, re.findall(r'\d+', r['prompt']))
+    assert r['chosen'] == str(a + b) == str(r['answer']) and r['rejected'] != r['chosen']
+    assert task.exact_match(**dict(r, response=f" {r['chosen']} ")) == 1.0
+    assert task.exact_match(**dict(r, response=r['rejected'])) == 0.0
+
+  # A stage's config: its train.* settings and its rl.* over the experiment's.
+  config = posttrain_config.get_config()
+  rlhf = stage_config(config, 'rlhf', 'prompts.jsonl', 'runs/sft', 'ppo',
+                      rl={'reward_model': 'runs/reward'})
+  assert (rlhf.train.objective, rlhf.train.init_from, rlhf.data.path) == (
+      'ppo', 'runs/sft', 'prompts.jsonl')
+  assert rlhf.train.num_steps == config.stages.rlhf.num_steps
+  assert (rlhf.rl.reward_model, rlhf.rl.accuracy) == ('runs/reward', posttrain_config.EXACT_MATCH)
+  assert rlhf.rl.group_size == config.rl.group_size and 'rl' not in rlhf.train

@@ -21,13 +21,13 @@ EXACT_MATCH = 'experiments.posttrain.task:exact_match'
 def get_config():
   c = base.get_config()
   c.task = ConfigDict(dict(
-      max_operand=999,          # a + b with a, b in [0, max_operand]
-      num_train=40_000,         # problems the documents, demonstrations and pairs draw on
+      max_operand=99,           # a + b with a, b in [0, max_operand]
+      num_train=9_500,          # problems the documents, demonstrations and pairs draw on
       num_test=500,             # held out: every stage's exact-match accuracy
       error_rate=0.2,           # share of the base corpus's sums that are wrong
       lines_per_document=20,
-      num_demonstrations=8_000,
-      num_pairs=8_000,          # the reward model's pairs (right vs a plausible wrong answer)
+      num_demonstrations=3_000,
+      num_pairs=3_000,          # the reward model's pairs (right vs a plausible wrong answer)
       seed=0,
       tfds_data_dir='',
   ))
@@ -46,10 +46,10 @@ def get_config():
       reward=ConfigDict(dict(num_steps=300, lr=3e-4, warmup_steps=20)),
       dpo=ConfigDict(dict(num_steps=150, lr=3e-5, warmup_steps=10, batch_size=16)),
       # RL: each step is a rollout of batch_size prompts x rl.group_size answers, then updates.
-      grpo=ConfigDict(dict(num_steps=60, lr=1e-5, warmup_steps=0, schedule='constant',
+      grpo=ConfigDict(dict(num_steps=100, lr=3e-5, warmup_steps=0, schedule='constant',
                            batch_size=16, log_every=5, checkpoint_every=20,
                            rl=dict(reward=EXACT_MATCH, accuracy=EXACT_MATCH))),
-      rlhf=ConfigDict(dict(num_steps=60, lr=1e-5, warmup_steps=0, schedule='constant',
+      rlhf=ConfigDict(dict(num_steps=100, lr=3e-5, warmup_steps=0, schedule='constant',
                            batch_size=16, log_every=5, checkpoint_every=20,
                            rl=dict(accuracy=EXACT_MATCH))),  # reward: the reward stage's run
   ))

@@ -186,20 +186,47 @@ def rl_curves(run_dir: str) -> dict:
   return curves
 
 
+def rl_ends(curves: dict) -> dict:
+  """The mean reward, rollout accuracy and KL over the first and the last fifth of the logged
+  steps (one step's rollout is noisy)."""
+  out = {}
+  for key in ('reward', 'accuracy', 'kl'):
+    values = np.asarray([v for v in curves[key] if np.isfinite(v)])
+    fifth = max(1, len(values) // 5)
+    out[f'{key}_first'] = float(values[:fifth].mean()) if len(values) else None
+    out[f'{key}_last'] = float(values[-fifth:].mean()) if len(values) else None
+  return out
+
+
 def plot_rl(curves: dict, path: str) -> None:
+  """Reward (each stage's own: exact match, the reward model's score), rollout accuracy and KL
+  over the RL steps; thin lines per step, thick a moving average over 5 logged steps."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  panels = (('reward', 'reward (GRPO: exact match; RLHF: reward model)'),
-            ('accuracy', 'exact-match accuracy of the rollouts'), ('kl', 'KL to the reference'))
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-  for ax, (key, title) in zip(axes, panels):
+  panels = [(stage, 'reward', f'{stage}: reward ({what})') for stage, what in
+            (('grpo', 'exact match'), ('rlhf', "the reward model's score")) if stage in curves]
+  panels += [(None, 'accuracy', 'exact-match accuracy of the rollouts'),
+             (None, 'kl', 'KL to the reference')]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+  colors = {stage: f'C{i}' for i, stage in enumerate(curves)}
+  for ax, (only, key, title) in zip(axes, panels):
     for stage, c in curves.items():
-      ax.plot(c['step'], c[key], label=stage, alpha=0.85)
+      if only not in (None, stage):
+        continue
+      # The KL is a train metric, logged every train.log_every steps; rewards every step.
+      points = np.asarray([(x, y) for x, y in zip(c['step'], c[key]) if np.isfinite(y)])
+      if not len(points):
+        continue
+      ax.plot(points[:, 0], points[:, 1], color=colors[stage], alpha=0.3, lw=0.8)
+      window = min(5, len(points))
+      smooth = np.convolve(points[:, 1], np.ones(window) / window, mode='valid')
+      ax.plot(points[window - 1:, 0], smooth, color=colors[stage], lw=2, label=stage)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel('RL step')
     ax.grid(alpha=0.3)
-  axes[0].legend()
+    if only is None:
+      ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -283,10 +310,9 @@ def main(argv):
       'reward_model_accuracy': timed('reward_eval', reward_model_accuracy, reward, config,
                                      problems),
       'num_test': len(problems.test),
-      'rl': {stage: {f'{key}_{end}': c[key][i] for key in ('reward', 'accuracy', 'kl')
-                     for end, i in (('first', 0), ('last', -1))}
-             for stage, c in curves.items()},
-      'rl_curves': curves,
+      'rl': {stage: rl_ends(c) for stage, c in curves.items()},
+      'rl_curves': {stage: {k: [v if np.isfinite(v) else None for v in values]
+                            for k, values in c.items()} for stage, c in curves.items()},
       'samples': {stage: r for stage, r in results.items()},
       'stage_wall_s': times, 'wall_s': time.time() - start}
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
