@@ -1,4 +1,4 @@
-"""python -m eval.attention --workdir=DIR --text="..." [--step=N] [--out=PATH]
+"""python -m eval.attention --workdir=DIR --text="..." [--step=N] [--out=PATH] [--config.x.y=...]
 
 Draws every attention head of a trained run on a text, one panel per (layer, head) in a grid of
 layers by heads: row i of a panel is where the query at token i attends (keys on the x axis).

@@ -1,6 +1,7 @@
 """Attention-head probes (Elhage et al. 2021; Olsson et al. 2022), as pure functions any run can use.
 
     python -m eval.heads --workdir=DIR [--step=N] [--period=P] [--num_sequences=N]
+        [--config.x.y=...]   (--config is the run's own config, DIR/config.json)
 
 prints, for a trained run, every attention head's induction and previous-token scores, the loss
 on the first and on the second copy of repeated random sequences, and the in-context learning

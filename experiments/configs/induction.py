@@ -22,25 +22,25 @@ def get_config():
   c.patterns = 'attn:none,attn:none*2'   # models to train; model.pattern is set from each
   c.model.update(d_model=64, num_heads=4, pattern='attn:none*2', position='rope', norm='rmsnorm',
                  dropout=0.0, scan_layers=False)
-  c.data.update(path='', tokenizer='char', seq_len=128)  # path: the corpus written in DIR
+  c.data.update(path='', tokenizer='char', seq_len=64)  # path: the corpus written in DIR
   c.corpus = ConfigDict(dict(
       text_path=base.TINY_SHAKESPEARE,  # the natural text
-      synthetic_fraction=0.5,   # share of the corpus's characters that are repeated segments
-      min_len=10,               # segment lengths, in characters
-      max_len=40,
-      repeats=2,                # copies of a segment on its line
+      synthetic_fraction=0.75,  # share of the corpus's characters that are repeated segments
+      min_len=8,                # segment lengths, in characters
+      max_len=24,
+      repeats=3,                # copies of a segment on its line
       seed=0,
   ))
-  c.train.update(num_steps=1500, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=50,
-                 schedule='cosine', weight_decay=0.1, grad_clip=1.0, steps_per_call=50,
+  c.train.update(num_steps=3000, batch_size=32, lr=1e-2, min_lr=1e-2, warmup_steps=50,
+                 schedule='constant', weight_decay=0.1, grad_clip=1.0, steps_per_call=50,
                  log_every=50, eval_every=50, eval_batches=4, eval_batch_size=64,
-                 checkpoint_every=1500, keep_checkpoints=1)
+                 checkpoint_every=3000, keep_checkpoints=1)
   c.probe = ConfigDict(dict(
-      period=64,                # random tokens repeated in the probe sequences; 0: seq_len / 2
-      num_sequences=32,
-      num_contexts=128,         # held-out contexts of the ICL score (each of its two)
+      period=16,                # random tokens repeated in the probe sequences; 0: seq_len / 2
+      num_sequences=64,
+      num_contexts=256,         # held-out contexts of the ICL score (each of its two)
       seed=0,
       threshold=0.5,            # max induction score that marks the phase change
-      draw_period=20,           # the repeated sequence the heads are drawn on
+      draw_period=16,           # the repeated sequence the heads are drawn on
   ))
   return c

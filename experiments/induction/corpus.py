@@ -83,7 +83,7 @@ def write_corpus(corpus_cfg, text_path: str, directory: str, tfds_data_dir: str 
   if not os.path.exists(text_path):
     from train.data import DataError
     raise DataError(f'the text corpus {text_path} does not exist; pass an existing text file as '
-                    f'--config.data.text_path')
+                    f'--config.corpus.text_path')
   if os.path.isdir(directory):
     return directory
   with open(text_path, encoding='utf-8') as f:
