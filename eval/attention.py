@@ -42,6 +42,8 @@ def plot_heads(weights: dict, labels: list[str] | None, path: str, title: str = 
     probs = np.asarray(weights[layer])[h]
     ax.imshow(probs, cmap='Blues', vmin=0.0, vmax=1.0, interpolation='nearest')
     ax.set_title(f'layer {layer}, head {h}', fontsize=9)
+    ax.set_xlabel('key', fontsize=7)
+    ax.set_ylabel('query', fontsize=7)
     if labels is not None and len(labels) <= MAX_LABELS:
       ticks = np.arange(len(labels))
       ax.set_xticks(ticks, labels, fontsize=5, rotation=90)

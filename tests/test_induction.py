@@ -87,6 +87,7 @@ def test_command_end_to_end(tmp_path, tfds_dir):
   result = subprocess.run(
       [sys.executable, '-m', 'experiments.induction', f'--workdir={workdir}',
        f'--config.data.tfds_data_dir={tfds_dir}', '--config.patterns=attn:none*2',
+       '--config.model.num_heads=4',
        '--config.model.d_model=16', '--config.data.seq_len=32', '--config.train.num_steps=20',
        '--config.train.steps_per_call=10', '--config.train.eval_every=10',
        '--config.train.log_every=10', '--config.train.checkpoint_every=20',

@@ -2,6 +2,7 @@
 
     python -m experiments.induction --workdir=DIR [--config=...induction.py]
         [--config.patterns='attn:none,attn:none*2,mamba*2']
+        [--config.patterns='attn:none*2|mamba,attn']     # '|' when a pattern has commas
 
 Trains one model per pattern of `config.patterns` (by default a one-layer and a two-layer
 attention-only model) on a corpus where in-context copying pays (experiments/induction/corpus.py:
