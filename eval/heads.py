@@ -1,4 +1,4 @@
-"""Attention-head probes (Elhage et al. 2021; Olsson et al. 2022), as pure functions any run can use.
+"""Attention-head probes (Elhage et al. 2021; Olsson et al. 2022): pure functions any run can use.
 
     python -m eval.heads --workdir=DIR [--step=N] [--period=P] [--num_sequences=N]
         [--config.x.y=...]   (--config is the run's own config, DIR/config.json)
@@ -111,6 +111,15 @@ def context_losses(model, params, inputs_BxL, targets_BxL):
   return -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
 
 
+def spaced_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:
+  """(at most count, seq_len + 1): windows of a token stream (train.data.PackedSequences) at
+  evenly spaced indices, so that every part of a split (every file of a corpus) is sampled."""
+  from train import data as data_lib
+  windows = data_lib.PackedSequences(tokens, seq_len)
+  index = np.unique(np.linspace(0, len(windows) - 1, count).round().astype(int))
+  return np.stack([windows[i] for i in index])
+
+
 def strongest(scores_LxH) -> tuple[int, int] | None:
   """(layer, head) of the highest score, ignoring NaN (non-attention layers); None if none."""
   scores = np.asarray(scores_LxH, np.float64)
@@ -156,7 +165,6 @@ def main(argv):
 
   from eval.restore import load_run
   from model.config import ConfigError
-  from train import data as data_lib
   from train.errors import quiet_libraries
   from train import workdir as workdir_lib
   quiet_libraries()
@@ -173,8 +181,7 @@ def main(argv):
   result = {'step': run.step, 'period': period, **flat_metrics(scores)}
   prepared = workdir_lib.load_data(f.workdir)
   if prepared is not None:
-    windows = data_lib.PackedSequences(prepared[2].tokens, context)
-    rows = np.stack([windows[i] for i in range(min(len(windows), f.num_contexts))])
+    rows = spaced_windows(prepared[2].tokens, context, f.num_contexts)
     losses = jax.jit(lambda p, x, y: context_losses(run.model, p, x, y))(
         run.params, rows[:, :-1], rows[:, 1:])
     early, late = icl_positions(context)

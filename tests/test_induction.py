@@ -116,7 +116,8 @@ def test_command_end_to_end(tmp_path, tfds_dir):
   run_dir = str(workdir / 'attn-nonex2')
   commands = [subprocess.Popen([sys.executable, '-m', *args], cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-              for args in (('eval.heads', f'--workdir={run_dir}', '--period=8', '--num_sequences=4'),
+              for args in (('eval.heads', f'--workdir={run_dir}', '--period=8',
+                            '--num_sequences=4'),
                            ('eval.attention', f'--workdir={run_dir}', '--text=ROMEO: ROMEO:'))]
   (heads_out, heads_err), (_, attention_err) = [c.communicate(timeout=120) for c in commands]
   assert all(c.returncode == 0 for c in commands), heads_err + attention_err

@@ -11,20 +11,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from eval import heads
 from model import LM
-from train import data as data_lib
 from train import tokenizers
 from train import workdir as workdir_lib
-
-
-def spaced_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:
-  """(count, seq_len + 1): windows of the stream at evenly spaced window indices."""
-  windows = data_lib.PackedSequences(tokens, seq_len)
-  index = np.unique(np.linspace(0, len(windows) - 1, count).round().astype(int))
-  return np.stack([windows[i] for i in index])
 
 
 class HeadProbe:
@@ -47,11 +38,11 @@ class HeadProbe:
     self.repeated = jnp.asarray(heads.repeated_sequences(
         probe.seed, probe.num_sequences, period, heads.probe_tokens(tokenizer)))
     _, _, validation = workdir_lib.load_data(self.workdir)
-    contexts = {'': spaced_windows(validation.tokens, seq_len, probe.num_contexts)}
+    contexts = {'': heads.spaced_windows(validation.tokens, seq_len, probe.num_contexts)}
     with open(self.text_path, encoding='utf-8') as f:
       text = f.read()
     held_out_text = tokenizer.encode(text[int(len(text) * (1 - c.data.val_fraction)):])
-    contexts['_text'] = spaced_windows(held_out_text, seq_len, probe.num_contexts)
+    contexts['_text'] = heads.spaced_windows(held_out_text, seq_len, probe.num_contexts)
     self.contexts = {k: jnp.asarray(v) for k, v in contexts.items()}
     self.early, self.late = heads.icl_positions(seq_len)
 
