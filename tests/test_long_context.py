@@ -1,0 +1,134 @@
+"""Long context: RoPE scaling against each paper's formula, ALiBi's bias in float32."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import positions
+from model.config import ConfigError, ModelConfig
+
+DH, BASE = 16, 10000.0
+
+
+def rotate_by_hand(x_D, angles_half):
+  """Rotates pair (i, i + D/2) of x by angles_half[i], written out as 2x2 rotations in float64."""
+  d = len(x_D)
+  out = np.empty(d)
+  for i, a in enumerate(angles_half):
+    x1, x2 = x_D[i], x_D[i + d // 2]
+    out[i] = math.cos(a) * x1 - math.sin(a) * x2
+    out[i + d // 2] = math.sin(a) * x1 + math.cos(a) * x2
+  return out
+
+
+def theta(base=BASE, dh=DH):
+  return np.asarray([base ** (-2 * i / dh) for i in range(dh // 2)])
+
+
+def apply(x_D, position, scaling='none', factor=1.0, original_len=0, base=BASE):
+  x = jnp.asarray(x_D, jnp.float32)[None, None, None, :]
+  pos = jnp.full((1, 1), position, jnp.float32)
+  return np.asarray(positions.rope(x, pos, base, scaling, factor, original_len))[0, 0, 0]
+
+
+@pytest.fixture
+def x():
+  return np.random.default_rng(0).normal(size=DH)
+
+
+@pytest.mark.parametrize('scaling', ['none', 'linear', 'ntk', 'yarn'])
+def test_factor_one_is_the_identity(scaling, x):
+  for m in (0, 3, 50, 700):
+    np.testing.assert_allclose(apply(x, m, scaling, 1.0, 64), rotate_by_hand(x, m * theta()),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_linear_is_position_interpolation(x):
+  """Chen et al. 2023: position m of the long context is position m / s of the trained one."""
+  s = 4.0
+  for m in (1, 37, 255):
+    np.testing.assert_allclose(apply(x, m, 'linear', s), rotate_by_hand(x, (m / s) * theta()),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_ntk_raises_the_base(x):
+  """NTK-aware: base' = base * s^(d / (d - 2)); the highest frequency is kept and the lowest is
+  divided by exactly s."""
+  s = 8.0
+  new_theta = theta(BASE * s ** (DH / (DH - 2)))
+  for m in (1, 37, 255):
+    np.testing.assert_allclose(apply(x, m, 'ntk', s), rotate_by_hand(x, m * new_theta),
+                               rtol=1e-4, atol=1e-4)
+  assert new_theta[0] == theta()[0]
+  np.testing.assert_allclose(new_theta[-1], theta()[-1] / s, rtol=1e-12)
+
+
+def test_yarn_ramp_and_temperature(x):
+  """Peng et al. 2023: r_i = L / lambda_i with wavelength lambda_i = 2 pi base^(2i/d); gamma = 0
+  below alpha = 1 (interpolate by s), 1 above beta = 32 (keep), linear between; q and k each
+  scaled by 0.1 ln s + 1, so the logits by its square."""
+  s, original = 4.0, 512
+  new_theta = []
+  for i in range(DH // 2):
+    wavelength = 2 * math.pi * BASE ** (2 * i / DH)
+    r = original / wavelength
+    gamma = 0.0 if r < 1 else 1.0 if r > 32 else (r - 1) / (32 - 1)
+    t = BASE ** (-2 * i / DH)
+    new_theta.append((1 - gamma) * t / s + gamma * t)
+  new_theta = np.asarray(new_theta)
+  # The ramp is exercised: some dimensions kept, some interpolated, some in between.
+  ratio = new_theta / theta()
+  assert ratio[0] == 1.0 and np.isclose(ratio[-1], 1 / s) and ((ratio > 1 / s) & (ratio < 1)).any()
+  scale = 0.1 * math.log(s) + 1
+  for m in (1, 37, 1500):
+    np.testing.assert_allclose(apply(x, m, 'yarn', s, original),
+                               scale * rotate_by_hand(x, m * new_theta), rtol=1e-4, atol=1e-4)
+  # The logits' temperature: q.k at relative distance 0 is (0.1 ln s + 1)^2 q.k.
+  q = apply(x, 100, 'yarn', s, original)
+  np.testing.assert_allclose(q @ q, scale ** 2 * (x @ x), rtol=1e-4)
+
+
+def test_scaled_attention_runs_and_differs_from_unscaled():
+  """The config reaches the attention: a scaled model's logits differ from the unscaled one's past
+  position 0 and agree at position 0 for the scalings that do not rescale logits."""
+  import jax
+
+  from model import LM
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (1, 16)))
+  base = ModelConfig(vocab_size=61, d_model=32, num_heads=4, d_ff=64, pattern='attn*1')
+  params = LM(base).init(jax.random.key(0), tokens)
+  plain = LM(base).apply(params, tokens)
+  for scaling in ('linear', 'ntk', 'yarn'):
+    cfg = base.replace(rope_scaling=scaling, rope_factor=4.0, rope_original_len=8)
+    scaled = LM(cfg).apply(params, tokens)
+    assert not np.allclose(plain[0, 1:], scaled[0, 1:], atol=1e-5)
+    if scaling != 'yarn':
+      np.testing.assert_allclose(plain[0, 0], scaled[0, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize('overrides,words', [
+    (dict(rope_scaling='linear', rope_factor=0.5), 'rope_factor must be >= 1'),
+    (dict(rope_scaling='yarn', rope_factor=4.0), 'rope_original_len'),
+    (dict(position='alibi', rope_scaling='ntk', rope_factor=2.0), 'stretches RoPE'),
+    (dict(rope_factor=2.0), 'does nothing'),
+    (dict(rope_scaling='xpos'), 'rope_scaling=.xpos. is not known'),
+])
+def test_invalid_scaling_is_one_clear_error(overrides, words):
+  with pytest.raises(ConfigError, match=words) as e:
+    ModelConfig(**overrides)
+  assert '\n' not in str(e.value)
+
+
+def test_alibi_bias_is_float32_exact_at_long_distances():
+  """-slope_h (q - k) exactly for distances up to 4096: in bfloat16 (8 bits of mantissa) the
+  distances 1000 and 1001 would share one value."""
+  q = jnp.arange(4096, dtype=jnp.int32)[None]
+  bias = positions.alibi_bias(q[:, -3:], q, 8)
+  assert bias.dtype == jnp.float32
+  slopes = np.asarray([2.0 ** (-8 * (h + 1) / 8) for h in range(8)])
+  distance = np.arange(4093, 4096)[:, None] - np.arange(4096)[None, :]
+  expected = -slopes[:, None, None] * distance[None]
+  np.testing.assert_allclose(np.asarray(bias[0]), expected, rtol=1e-6)
+  assert jnp.asarray(1000.0, jnp.bfloat16) == jnp.asarray(1001.0, jnp.bfloat16)  # why float32
