@@ -132,3 +132,57 @@ def test_alibi_bias_is_float32_exact_at_long_distances():
   expected = -slopes[:, None, None] * distance[None]
   np.testing.assert_allclose(np.asarray(bias[0]), expected, rtol=1e-6)
   assert jnp.asarray(1000.0, jnp.bfloat16) == jnp.asarray(1001.0, jnp.bfloat16)  # why float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss by position (eval/loss.py).
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory, tfds_dir):
+  """A tiny RoPE run on tiny shakespeare, trained at 32 tokens, loaded back."""
+  from eval.restore import load_run
+  from tests.conftest import run_config
+  from train.loop import train_and_evaluate
+  workdir = str(tmp_path_factory.mktemp('longctx') / 'run')
+  config = run_config(tfds_dir, train=dict(num_steps=20, eval_every=0, checkpoint_every=20))
+  train_and_evaluate(config, workdir)
+  return workdir, load_run(workdir)
+
+
+def test_positions_average_to_the_validation_loss(trained_run):
+  """At the training length, the mean over positions of the per-position loss is the ordinary
+  validation loss of the compiled evaluation step (train/evaluate.py) on the same batches."""
+  from eval import loss as loss_lib
+  from train.evaluate import compile_eval_step, evaluate
+  workdir, run = trained_run
+  data = run.objective.data(workdir, None)
+  step = compile_eval_step(run.eval_step(), run.objective.eval_spec(), run.mesh, run.params,
+                           run.frozen)
+  ordinary = evaluate(step, run.params, run.frozen, run.objective, data, run.mesh)['val_loss']
+  seq_len, batch_size = run.config.data.seq_len, run.config.train.eval_batch_size
+  loss_L, weight_L = loss_lib.loss_by_position(run.model, run.params, data.validation.tokens,
+                                               seq_len, batch_size)
+  assert loss_L.shape == (seq_len,) and len(set(weight_L)) == 1  # every window counted once
+  np.testing.assert_allclose(loss_L.mean(), ordinary, rtol=1e-5)
+  # Buckets and prefixes are the same averages, regrouped.
+  rows = loss_lib.buckets(loss_L, weight_L, 10)
+  assert [(r['start'], r['end']) for r in rows] == [(0, 10), (10, 20), (20, 30), (30, 32)]
+  np.testing.assert_allclose(rows[3]['loss'], loss_L[30:].mean(), rtol=1e-6)
+  np.testing.assert_allclose(loss_lib.mean_over_prefixes(loss_L, weight_L, [seq_len])[seq_len],
+                             ordinary, rtol=1e-5)
+  # Past the trained length nothing is cropped: each of 4x longer windows is read whole, and its
+  # first positions see what the trained-length windows' first positions see.
+  long_L, long_w = loss_lib.loss_by_position(run.model, run.params, data.validation.tokens,
+                                             4 * seq_len, batch_size)
+  assert long_L.shape == (4 * seq_len,) and np.isfinite(long_L).all()
+  assert long_w[0] == (len(data.validation.tokens) - 1) // (4 * seq_len)
+
+
+def test_learned_positions_stop_at_their_table():
+  from eval import loss as loss_lib
+  cfg = ModelConfig(position='learned', max_len=64)
+  loss_lib.check_length(cfg, 64)
+  with pytest.raises(ConfigError, match=r'--seq_len \(65\) is longer than the learned position '
+                                        r'table \(model.max_len=64\)'):
+    loss_lib.check_length(cfg, 65)
