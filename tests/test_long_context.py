@@ -186,3 +186,26 @@ def test_learned_positions_stop_at_their_table():
   with pytest.raises(ConfigError, match=r'--seq_len \(65\) is longer than the learned position '
                                         r'table \(model.max_len=64\)'):
     loss_lib.check_length(cfg, 65)
+
+
+# ---------------------------------------------------------------------------------------------
+# The extrapolation experiment's configs (the runs themselves are minutes: docs/long_context.md).
+
+
+def test_each_scheme_is_the_shared_config_with_its_positions():
+  from experiments.configs import extrapolation as xp_config
+  from experiments.extrapolation.__main__ import check_config, scheme_config
+  config = xp_config.get_config()
+  check_config(config)
+  for scheme in config.sweep.schemes:
+    c = scheme_config(config, scheme)
+    assert 'sweep' not in c and c.data.seq_len == config.data.seq_len
+    cfg = ModelConfig.from_dict(dict(c.model.to_dict(), vocab_size=65))
+    if scheme == 'mamba':
+      assert {m for m, _ in cfg.layers} == {'mamba'} and cfg.position == 'none'
+    else:
+      assert cfg.position == scheme and cfg.pattern == config.model.pattern
+    assert cfg.max_len == (config.data.seq_len if scheme == 'learned' else config.model.max_len)
+  config.sweep.lengths = (128, 64)
+  with pytest.raises(ConfigError, match='must rise from the training length'):
+    check_config(config)

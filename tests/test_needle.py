@@ -15,13 +15,13 @@ def test_probe_has_its_needle_at_its_depth(length, depth):
   text = p.prompt + p.answer
   assert len(text) == length
   assert len(p.answer) == haystack.DIGITS and p.answer.isdigit()
-  needle = f' The pass key is {p.answer}. '
+  needle = f' The pass key is #{p.answer}. '
   assert text.count(needle) == 1 and sum(c.isdigit() for c in text) == 2 * haystack.DIGITS
-  assert p.prompt.endswith('\nThe pass key is ')
-  filler_len = length - len(needle) - len('\nThe pass key is ') - haystack.DIGITS
+  assert p.prompt.endswith('\nThe pass key is #')
+  filler_len = length - len(needle) - len('\nThe pass key is #') - haystack.DIGITS
   at = text.index(needle)
   assert at == p.needle_at == round(depth * filler_len)
-  hay = text[:at] + text[at + len(needle):len(p.prompt) - len('\nThe pass key is ')]
+  hay = text[:at] + text[at + len(needle):len(p.prompt) - len('\nThe pass key is #')]
   assert len(hay) == filler_len and hay in FILLER   # one unbroken stretch of the filler
 
 
@@ -39,7 +39,7 @@ def test_probes_are_reproducible_and_vary():
 
 def test_builder_writes_whole_probes(tmp_path):
   config = haystack.HaystackConfig(name='test', doc_len=96, num_train=6, num_validation=3,
-                                   version='1.0.0')
+                                   version='1.1.0')
   builder = haystack.NeedleHaystack(config=config, data_dir=str(tmp_path),
                                     file_format='array_record')
   builder.download_and_prepare()
@@ -48,7 +48,7 @@ def test_builder_writes_whole_probes(tmp_path):
   depths = []
   for record in (sources['train'][i] for i in range(6)):
     text, answer = record['text'].decode(), record['answer'].decode()
-    assert len(text) == 96 and text.endswith('\nThe pass key is ' + answer)
-    assert f' The pass key is {answer}. ' in text
+    assert len(text) == 96 and text.endswith('\nThe pass key is #' + answer)
+    assert f' The pass key is #{answer}. ' in text
     depths.append(float(record['depth']))
   assert len(set(depths)) == 6 and all(0 <= d <= 1 for d in depths)

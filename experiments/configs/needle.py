@@ -4,7 +4,7 @@ each (depth, length), training length and beyond.
   python -m experiments.needle --workdir=runs/needle
   python -m experiments.needle --workdir=DIR --probe_only      # probe a run already in DIR
 
-Two RoPE attention layers of width 64 learn to find ' The pass key is 482. ' in tiny shakespeare
+Two RoPE attention layers of width 64 learn to find ' The pass key is #482. ' in tiny shakespeare
 and copy its digits after the question (experiments/needle/haystack.py). Measured accuracy and
 wall time on a 2-core CPU are in docs/long_context.md.
 """

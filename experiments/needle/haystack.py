@@ -2,11 +2,11 @@
 small enough for a character-level model on a CPU, as a TFDS dataset generated in process.
 
 A probe of `length` characters is filler text (tiny shakespeare) with the needle
-' The pass key is 482. ' put at a `depth` between 0 (the start) and 1 (just before the question),
-then the question '\\nThe pass key is ' and the answer, the key's digits:
+' The pass key is #482. ' put at a `depth` between 0 (the start) and 1 (just before the question),
+then the question '\\nThe pass key is #' and the answer, the key's digits:
 
-    ...filler... The pass key is 482. ...filler...\\nThe pass key is 482
-                 ^ depth x (filler length)                         ^ answer
+    ...filler... The pass key is #482. ...filler...\\nThe pass key is #482
+                 ^ depth x (filler length)                          ^ answer
 
 A model answers when it finds the earlier sentence and copies the digits after it (an induction
 head's job). Training documents are probes of exactly `doc_len` characters at uniform random
@@ -25,8 +25,11 @@ import tensorflow_datasets as tfds
 
 from experiments.configs import base
 
-NEEDLE = ' The pass key is {key}. '
-QUESTION = '\nThe pass key is '
+# '#' never occurs in the filler: it marks the key, so a two-layer induction circuit (previous-
+# token head, then a head matching the token before) can find it; in plain words every ' ' after
+# 'is' would match, and a small character model did not learn the retrieval in our budget.
+NEEDLE = ' The pass key is #{key}. '
+QUESTION = '\nThe pass key is #'
 DIGITS = 3
 VAL_FRACTION = 0.1
 
@@ -61,13 +64,13 @@ def make_probe(filler: str, length: int, depth: float, rng: np.random.Generator)
 
 
 def filler_text(path: str, split: str) -> str:
-  """The corpus's characters of a split ('train': the first 90%, else the rest), digits removed
-  so that only the key is a number."""
+  """The corpus's characters of a split ('train': the first 90%, else the rest), digits and '#'
+  removed so that only the key is a number and only the needle and question hold a '#'."""
   with open(path, encoding='utf-8') as f:
     text = f.read()
   cut = int(len(text) * (1.0 - VAL_FRACTION))
   text = text[:cut] if split == 'train' else text[cut:]
-  return ''.join(c for c in text if not c.isdigit())
+  return ''.join(c for c in text if not c.isdigit() and c != '#')
 
 
 class HaystackConfig(tfds.core.BuilderConfig):
@@ -80,9 +83,9 @@ class HaystackConfig(tfds.core.BuilderConfig):
 
 class NeedleHaystack(tfds.core.GeneratorBasedBuilder):
   """Probes of one length at uniform random depths; records {'text', 'depth', 'answer'}."""
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')  # 1.1: the '#' marker
   BUILDER_CONFIGS = [HaystackConfig(name=f'len{n}', doc_len=n, num_train=16384,
-                                    num_validation=256, version='1.0.0')
+                                    num_validation=256, version='1.1.0')
                      for n in (128, 256, 512)]
 
   def _info(self) -> tfds.core.DatasetInfo:
