@@ -203,6 +203,7 @@ def test_each_scheme_is_the_shared_config_with_its_positions():
     cfg = ModelConfig.from_dict(dict(c.model.to_dict(), vocab_size=65))
     if scheme == 'mamba':
       assert {m for m, _ in cfg.layers} == {'mamba'} and cfg.position == 'none'
+      assert cfg.mamba.scan_impl == config.sweep.mamba_scan_impl
     else:
       assert cfg.position == scheme and cfg.pattern == config.model.pattern
     assert cfg.max_len == (config.data.seq_len if scheme == 'learned' else config.model.max_len)

@@ -66,6 +66,7 @@ def scheme_config(config, scheme: str) -> ml_collections.ConfigDict:
   del c['sweep']
   if scheme == 'mamba':
     c.model.update(pattern=config.sweep.mamba_pattern, position='none')
+    c.model.mamba.scan_impl = config.sweep.mamba_scan_impl
   else:
     c.model.position = scheme
   if c.model.position == 'learned':
