@@ -52,3 +52,42 @@ def test_builder_writes_whole_probes(tmp_path):
     assert f' The pass key is #{answer}. ' in text
     depths.append(float(record['depth']))
   assert len(set(depths)) == 6 and all(0 <= d <= 1 for d in depths)
+
+
+class Oracle:
+  """A stand-in model that reads the key after the first '#' and predicts it at the last three
+  positions (shift=0), or predicts the digits after it (shift=1, a near miss)."""
+
+  def __init__(self, tokenizer, shift=0):
+    from model import ModelConfig
+    self.config = ModelConfig(vocab_size=tokenizer.vocab_size)
+    self.hash_id = int(tokenizer.encode('#')[0])
+    self.vocab, self.shift = tokenizer.vocab_size, shift
+
+  def apply(self, variables, inputs_BxL):
+    import jax
+    import jax.numpy as jnp
+    first = jnp.argmax(inputs_BxL == self.hash_id, axis=1)                     # (B,)
+    index = first[:, None] + 1 + self.shift + jnp.arange(haystack.DIGITS)[None]
+    key_Bx3 = jnp.take_along_axis(inputs_BxL, index, axis=1)
+    logits = jnp.zeros(inputs_BxL.shape + (self.vocab,))
+    return logits.at[:, -haystack.DIGITS:].set(jax.nn.one_hot(key_Bx3, self.vocab))
+
+
+def test_accuracy_grid_counts_retrieved_keys():
+  """A model that retrieves scores 1 in every cell; one that copies the wrong digits scores
+  (nearly) 0; a learned table too short leaves its lengths out (NaN)."""
+  from experiments.needle import probe
+  from model import ModelConfig
+  from train.tokenizers import CharTokenizer
+  tokenizer = CharTokenizer.train([FILLER + haystack.NEEDLE + haystack.QUESTION + '0123456789'])
+  lengths, depths = (64, 128), (0.0, 0.5, 1.0)
+  right = probe.accuracy_grid(Oracle(tokenizer), {}, tokenizer, FILLER, lengths, depths, num=8)
+  np.testing.assert_array_equal(right, np.ones((3, 2)))
+  wrong = probe.accuracy_grid(Oracle(tokenizer, shift=1), {}, tokenizer, FILLER, lengths, depths,
+                              num=8)
+  assert wrong.max() <= 0.25
+  short = Oracle(tokenizer)
+  short.config = ModelConfig(vocab_size=tokenizer.vocab_size, position='learned', max_len=100)
+  grid = probe.accuracy_grid(short, {}, tokenizer, FILLER, lengths, depths, num=2)
+  assert (grid[:, 0] == 1).all() and np.isnan(grid[:, 1]).all()

@@ -27,7 +27,7 @@ from experiments.configs import base
 
 # '#' never occurs in the filler: it marks the key, so a two-layer induction circuit (previous-
 # token head, then a head matching the token before) can find it; in plain words every ' ' after
-# 'is' would match, and a small character model did not learn the retrieval in our budget.
+# 'is' would match, and a character model would need a longer prefix match.
 NEEDLE = ' The pass key is #{key}. '
 QUESTION = '\nThe pass key is #'
 DIGITS = 3
@@ -86,7 +86,7 @@ class NeedleHaystack(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.1.0')  # 1.1: the '#' marker
   BUILDER_CONFIGS = [HaystackConfig(name=f'len{n}', doc_len=n, num_train=16384,
                                     num_validation=256, version='1.1.0')
-                     for n in (128, 256, 512)]
+                     for n in (64, 128, 256, 512)]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
