@@ -210,3 +210,16 @@ def test_each_scheme_is_the_shared_config_with_its_positions():
   config.sweep.lengths = (128, 64)
   with pytest.raises(ConfigError, match='must rise from the training length'):
     check_config(config)
+
+
+def test_a_scaling_is_not_a_different_model_for_init_from_or_resume():
+  """Fine-tuning a shorter run with a RoPE scaling (--init_from) keeps its parameter tree; so does
+  a run saved before the rope_* fields existed."""
+  from experiments.configs import base
+  from train import workdir as workdir_lib
+  saved = base.model_config().to_dict()
+  scaled = dict(saved, rope_scaling='yarn', rope_factor=4.0, rope_original_len=64)
+  assert workdir_lib.model_differences(saved, scaled) == []
+  older = {k: v for k, v in saved.items() if not k.startswith('rope_') or k == 'rope_base'}
+  assert workdir_lib.model_differences(older, scaled) == []
+  assert workdir_lib.model_differences(saved, dict(saved, rope_base=500000.0))  # still a change
