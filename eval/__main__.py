@@ -28,7 +28,7 @@ flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
 flags.DEFINE_bool('per_position', False, 'Report the validation loss by position instead.')
 flags.DEFINE_integer('seq_len', None, 'With --per_position: the evaluation length (default: the '
-                     'training length data.seq_len); longer than it reads past the trained context.')
+                     'training length data.seq_len); longer reads past the trained context.')
 flags.DEFINE_integer('bucket', None, 'With --per_position: positions per printed bucket (default: '
                      'seq_len / 16).')
 flags.mark_flag_as_required('workdir')

@@ -54,7 +54,8 @@ def make_probe(filler: str, length: int, depth: float, rng: np.random.Generator)
     raise ValueError(f'depth must be in [0, 1], got {depth}')
   n = length - overhead()
   if n < 0 or n > len(filler):
-    raise ValueError(f'a probe of {length} characters needs {overhead()} to {overhead() + len(filler)}')
+    raise ValueError(f'a probe of {length} characters needs {overhead()} to '
+                     f'{overhead() + len(filler)}')
   key = ''.join(str(d) for d in rng.integers(0, 10, DIGITS))
   start = int(rng.integers(0, len(filler) - n + 1))
   hay = filler[start:start + n]
