@@ -53,8 +53,9 @@ class Attention(nn.Module):
       q_BxLxHxDh = head_rmsnorm(cfg, 'query_norm')(q_BxLxHxDh)
       k_BxLxKxDh = head_rmsnorm(cfg, 'key_norm')(k_BxLxKxDh)
     if cfg.position == 'rope':
-      q_BxLxHxDh = positions.rope(q_BxLxHxDh, positions_BxL, cfg.rope_base)
-      k_BxLxKxDh = positions.rope(k_BxLxKxDh, positions_BxL, cfg.rope_base)
+      scaling = (cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_len)
+      q_BxLxHxDh = positions.rope(q_BxLxHxDh, positions_BxL, *scaling)
+      k_BxLxKxDh = positions.rope(k_BxLxKxDh, positions_BxL, *scaling)
     q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ACT_BLHD)
 
     q_pos_BxL = k_pos_BxS = positions_BxL

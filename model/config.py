@@ -15,6 +15,7 @@ import math
 from typing import Any, Mapping
 
 POSITIONS = ('learned', 'sinusoidal', 'rope', 'alibi', 'none')
+ROPE_SCALINGS = ('none', 'linear', 'ntk', 'yarn')  # model/positions.py
 NORMS = ('rmsnorm', 'layernorm', 'none')
 ACTIVATIONS = ('gelu', 'relu', 'swiglu')
 DTYPES = ('float32', 'bfloat16')
@@ -70,6 +71,12 @@ class ModelConfig:
   pattern: str = 'attn*4'          # see model.blocks.parse_pattern
   position: str = 'rope'
   rope_base: float = 10000.0
+  # Stretching RoPE past the context it was trained at (model/positions.py: rope_frequencies):
+  # none | linear (position interpolation) | ntk (NTK-aware base) | yarn, by rope_factor for a
+  # model trained at rope_original_len tokens (YaRN's ramp reads it). Factor 1 is the identity.
+  rope_scaling: str = 'none'
+  rope_factor: float = 1.0
+  rope_original_len: int = 0
   max_len: int = 1024              # size of the learned position table; longest context it serves
   norm: str = 'rmsnorm'
   norm_eps: float = 1e-5
@@ -154,7 +161,8 @@ def _choice(field: str, value: str, choices: tuple[str, ...]):
 
 
 def _validate(c: ModelConfig):
-  for field, choices in (('position', POSITIONS), ('norm', NORMS), ('activation', ACTIVATIONS),
+  for field, choices in (('position', POSITIONS), ('rope_scaling', ROPE_SCALINGS), ('norm', NORMS),
+                         ('activation', ACTIVATIONS),
                          ('dtype', DTYPES), ('attention_impl', ATTENTION_IMPLS),
                          ('remat', REMAT_POLICIES)):
     _choice(field, getattr(c, field), choices)
@@ -174,6 +182,17 @@ def _validate(c: ModelConfig):
   if c.position == 'rope':
     _require(c.dh % 2 == 0, f'model.position=rope needs an even head width, got head width {c.dh} '
              f'(d_model / num_heads or model.head_dim); change the head width or the position')
+  _require(c.rope_scaling != 'none' or c.rope_factor == 1.0,
+           f'model.rope_factor={c.rope_factor} does nothing with model.rope_scaling=none; choose '
+           f'one of {list(ROPE_SCALINGS[1:])}')
+  if c.rope_scaling != 'none':
+    _require(c.position == 'rope', f'model.rope_scaling={c.rope_scaling!r} stretches RoPE, but '
+             f'model.position={c.position!r}; set model.rope_scaling=none or use position=rope')
+    _require(c.rope_factor >= 1.0, f'model.rope_factor must be >= 1 (the new context over the '
+             f'original one), got {c.rope_factor}')
+    _require(c.rope_scaling != 'yarn' or c.rope_original_len > 0,
+             f'model.rope_scaling=yarn needs model.rope_original_len, the context the model was '
+             f'trained at (its data.seq_len), got {c.rope_original_len}')
   layers = c.layers  # parses the pattern; unknown entries raise here
   moe = c.moe
   if any(ffn == 'moe' for _, ffn in layers):

@@ -27,6 +27,8 @@ LOCK_FILE = 'lock'
 # Model fields a resumed run may change: they do not change the parameter tree.
 RESUMABLE_MODEL_FIELDS = {'dropout', 'attention_impl', 'attention_window', 'remat', 'dtype',
                           'init_std',
+                          # RoPE stretched to a longer context: fine-tuning a shorter run
+                          'rope_scaling', 'rope_factor', 'rope_original_len',
                           'moe.capacity_factor', 'moe.renormalize', 'moe.aux_loss_weight',
                           'moe.z_loss_weight',
                           'mamba.scan_impl', 'mamba.scan_chunk', 'mamba.dt_min', 'mamba.dt_max',
