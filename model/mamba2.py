@@ -224,7 +224,7 @@ class Mamba2(nn.Module):
     histories = dict(x=(H, P), B=(G, N), C=(G, N))
     if self.decode:  # state created at `init`, then carried from call to call
       initialised = self.has_variable('cache', 'ssm_state')
-      conv_states = {k: self.variable('cache', f'conv_{k}', jnp.zeros, (batch, W - 1, *shape),
+      conv_states = {k: self.variable('cache', f'conv_state_{k}', jnp.zeros, (batch, W - 1, *shape),
                                       dtype) for k, shape in histories.items()}
       ssm_state = self.variable('cache', 'ssm_state', jnp.zeros, (batch, H, P, N), jnp.float32)
       history = {k: v.value for k, v in conv_states.items()}

@@ -1,12 +1,22 @@
 """Mamba-2: the chunked SSD against the recurrence run one step at a time (float64, outputs and
 gradients), a split sequence continued from its final state, and the mixer in a model."""
 
+import json
+import os
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.mamba2 import ssd
+from eval.decode import Sampling, generate, generate_uncached
+from model.config import ConfigError, Mamba2Config
+from model.mamba2 import Mamba2, ssd
+from train.loop import train_and_evaluate
+from train.mesh import RULES
+from tests.conftest import run_config, tiny
+from tests.test_decode import cached_logits, setup
 
 
 def ssd_inputs(seed, b, L, H, P, G, N, dtype=jnp.float64):
@@ -41,9 +51,8 @@ def recurrence(x, dt, A, B, C, initial_state=None):
 
 SHAPES = {  # (batch, L, H, P, G, N, chunk_size, with an initial state)
     '37 steps in chunks of 8, 2 groups of 2 heads, initial state': (2, 37, 4, 3, 2, 5, 8, True),
-    'one whole chunk, 1 group of 2 heads': (1, 16, 2, 4, 1, 3, 16, False),
-    '20 steps in chunks of 7, a group per head, initial state': (2, 20, 3, 2, 3, 4, 7, True),
-    'a chunk longer than the sequence': (1, 5, 2, 2, 1, 2, 64, True),
+    '20 steps in chunks of 5, a group per head': (2, 20, 3, 2, 3, 4, 5, False),
+    'a chunk longer than the sequence, 1 group of 2 heads': (1, 5, 2, 2, 1, 2, 64, True),
 }
 
 
@@ -110,3 +119,106 @@ def test_bad_ssd_inputs_name_the_argument():
     ssd(**dict(a, B=jnp.zeros((2, 10, 3, 3)), C=jnp.zeros((2, 10, 3, 3))), chunk_size=4)
   with pytest.raises(ValueError, match='chunk_size must be a positive'):
     ssd(**a, chunk_size=0)
+
+
+def small(**overrides):
+  """A tiny model whose Mamba-2 layers have 8 heads of width 8 in 2 groups, N = 8, chunks of 4."""
+  kw = dict(mamba2=Mamba2Config(head_dim=8, d_state=8, n_groups=2, chunk_size=4))
+  kw.update(overrides)
+  return tiny(**kw)
+
+
+def mixer_reference(p, x_BxLxD, cfg):
+  """The Mamba-2 mixer written out from the paper with the sequential recurrence: projections,
+  causal depthwise conv of x, B and C one time step at a time, SiLU, softplus(Δ + bias), SSD,
+  the D skip, RMSNorm(y silu(z)) over each group's channels, the output projection."""
+  m = cfg.mamba2
+  proj = lambda name: jnp.einsum('bld,d...->bl...', x_BxLxD, p[name]['kernel'])
+
+  def conv(u, name):
+    kernel, L, W = p[name]['kernel'], u.shape[1], m.d_conv
+    steps = [sum(kernel[W - 1 - j] * u[:, t - j] for j in range(min(W, t + 1)))
+             for t in range(L)]
+    return jax.nn.silu(jnp.stack(steps, 1) + p[name]['bias'])
+
+  z, x, B, C = proj('in_z'), conv(proj('in_x'), 'conv_x'), conv(proj('in_B'), 'conv_B'), conv(
+      proj('in_C'), 'conv_C')
+  dt = jax.nn.softplus(proj('in_dt') + p['dt_bias'])
+  y, _ = recurrence(x, dt, -jnp.exp(p['A_log']), B, C)
+  y = y + x * p['D'][:, None]
+  b, L, H, P = y.shape
+  g = (y * jax.nn.silu(z)).reshape(b, L, m.n_groups, -1)
+  g = g / jnp.sqrt(jnp.mean(g ** 2, -1, keepdims=True) + cfg.norm_eps)
+  g = g.reshape(b, L, H, P) * p['norm']['scale']
+  return jnp.einsum('blhp,hpd->bld', g, p['out']['kernel'])
+
+
+def test_the_mixer_equals_the_paper_written_out_and_initialises_as_the_paper():
+  cfg = small(pattern='mamba2')
+  mixer = Mamba2(cfg)
+  x_BxLxD = jax.random.normal(jax.random.key(0), (2, 11, cfg.d_model))  # 11: chunks 4, 4, 3
+  positions_BxL = jnp.broadcast_to(jnp.arange(11), (2, 11))
+  boxed = jax.jit(mixer.init)(jax.random.key(1), x_BxLxD, positions_BxL)['params']
+  p = nn.unbox(boxed)
+  np.testing.assert_allclose(jax.jit(mixer.apply)({'params': p}, x_BxLxD, positions_BxL),
+                             mixer_reference(p, x_BxLxD, cfg), rtol=1e-5, atol=1e-5)
+
+  m = cfg.mamba2
+  a = np.exp(np.asarray(p['A_log']))                       # A = -a, a uniform in [1, 16]
+  assert a.shape == (8,) and np.all((m.a_init_min <= a) & (a <= m.a_init_max))
+  dt = np.asarray(jax.nn.softplus(p['dt_bias']))           # Δ when the projection is small
+  assert np.all((m.dt_min * 0.999 <= dt) & (dt <= m.dt_max * 1.001))
+  np.testing.assert_array_equal(p['D'], np.ones(8))
+  names = {'/'.join(str(k.key) for k in path): leaf.names for path, leaf in
+           jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))}
+  # Every per-head parameter and projection has its heads on 'ssm_heads', which shards on the
+  # 'tensor' mesh axis.
+  assert dict(RULES)['ssm_heads'] == 'tensor'
+  assert names['in_x/kernel'] == names['in_z/kernel'] == ('embed', 'ssm_heads', 'ssm_head_dim')
+  assert names['out/kernel'] == ('ssm_heads', 'ssm_head_dim', 'embed')
+  assert names['in_dt/kernel'] == ('embed', 'ssm_heads')
+  assert names['A_log'] == names['D'] == names['dt_bias'] == ('ssm_heads',)
+  assert names['conv_x/kernel'] == ('conv', 'ssm_heads', 'ssm_head_dim')
+
+
+# tests/test_decode.py runs every kind of last layer, mamba2 included, after an attention layer,
+# with a prompt of 5 (chunks of 4: not a multiple). Here: a prompt of whole chunks, and sampling.
+def test_cached_decoding_of_whole_chunks_equals_full_forward():
+  cfg = small(pattern='mamba2*2')
+  model, params = setup(cfg)
+  tokens = jax.random.randint(jax.random.key(3), (2, 11), 0, cfg.vocab_size)
+  full = jax.jit(model.apply)({'params': params}, tokens)
+  np.testing.assert_allclose(cached_logits(model, params, tokens, prompt=8), full[:, 7:],
+                             atol=2e-5, rtol=1e-5)
+
+
+def test_cached_generation_of_a_hybrid_equals_uncached_token_for_token():
+  cfg = small(pattern='(mamba2,attn)*1')  # a prompt of 6: one chunk and a half
+  model, params = setup(cfg)
+  prompt = jax.random.randint(jax.random.key(4), (3, 6), 0, cfg.vocab_size)
+  kw = dict(max_new_tokens=10, sampling=Sampling(0.8, top_k=20))
+  cached, _ = generate(model, params, prompt, jax.random.key(7), **kw)
+  uncached, _ = generate_uncached(model, params, prompt, jax.random.key(7), **kw)
+  np.testing.assert_array_equal(cached, uncached)
+
+
+def test_bad_mamba2_configs_name_the_field():
+  with pytest.raises(ConfigError, match=r'model.mamba2.n_groups=3 does not divide the 8 heads'):
+    small(pattern='mamba2', mamba2=Mamba2Config(head_dim=8, n_groups=3))
+  with pytest.raises(ConfigError, match='not divisible by model.mamba2.head_dim=48'):
+    small(pattern='mamba2', mamba2=Mamba2Config(head_dim=48))
+  with pytest.raises(ConfigError, match='model.mamba2.chunk_size must be positive'):
+    small(pattern='attn,mamba2', mamba2=Mamba2Config(chunk_size=0))
+
+
+@pytest.mark.parametrize('pattern', ['mamba2*2', 'mamba2,attn'])
+def test_mamba2_and_a_hybrid_train_on_shakespeare(pattern, tfds_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = run_config(tfds_dir, model=dict(pattern=pattern, mamba2=dict(
+      head_dim=8, d_state=8, n_groups=2, chunk_size=16)), train=dict(
+      num_steps=20, lr=1e-2, min_lr=1e-3, eval_every=20, checkpoint_every=20))
+  final = train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    losses = [r['train_loss'] for r in map(json.loads, f) if 'train_loss' in r]
+  assert len(losses) == 2 and losses[-1] < losses[0] - 0.5   # from ~4.1 (uniform) downwards
+  assert final['val_loss'] < np.log(65) - 0.5
