@@ -67,59 +67,61 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, initial_state=None, return_final_sta
   pad = -length % c
   nc = (length + pad) // c
 
-  def chunked(a, *trailing):  # (batch, L, ...) -> (batch, chunks, c, ...), padded with zeros
-    a = jnp.pad(f32(a), [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-    return a.reshape(batch, nc, c, *trailing)
-
-  x_BxCxLxGxRxP = chunked(x, G, R, P)
-  dt_BxCxLxGxR = chunked(dt, G, R)
-  B_BxCxLxGxN, C_BxCxLxGxN = chunked(B, G, N), chunked(C, G, N)
+  # Heads before steps, so that every product below is a batched matmul without transposes.
+  x_BxKxGxRxQxP = jnp.moveaxis(_chunk(f32(x), pad, c).reshape(batch, nc, c, G, R, P), 2, 4)
+  dt_BxKxGxRxQ = jnp.moveaxis(_chunk(f32(dt), pad, c).reshape(batch, nc, c, G, R), 2, 4)
+  B_BxKxGxQxN = jnp.moveaxis(_chunk(f32(B), pad, c), 2, 3)
+  C_BxKxGxQxN = jnp.moveaxis(_chunk(f32(C), pad, c), 2, 3)
   A_GxR = f32(A).reshape(G, R)
 
-  # Cumulative log-decay within each chunk: a_t = sum_{s <= t} Δ_s A (non-increasing).
-  a_BxCxLxGxR = jnp.cumsum(dt_BxCxLxGxR * A_GxR, axis=2)
-  xdt_BxCxLxGxRxP = x_BxCxLxGxRxP * dt_BxCxLxGxR[..., None]
+  # Cumulative log-decay within each chunk: a_l = sum_{s <= l} Δ_s A (non-increasing).
+  a_BxKxGxRxQ = jnp.cumsum(dt_BxKxGxRxQ * A_GxR[..., None], axis=-1)
+  xdt_BxKxGxRxQxP = x_BxKxGxRxQxP * dt_BxKxGxRxQ[..., None]
 
   # 1. Within chunks, the quadratic form: y_l = sum_{s <= l} exp(a_l - a_s) (C_l . B_s) Δ_s x_s.
-  # Differences of one chunk's cumulative sums: these sums stay small (c steps of Δ A), so they
-  # keep float32's precision without the paper's segment-sum of masked cumulative sums.
-  causal_LxS = jnp.tril(jnp.ones((c, c), bool))
-  diff = a_BxCxLxGxR[:, :, :, None] - a_BxCxLxGxR[:, :, None]             # (B, C, l, s, G, R)
-  mask = causal_LxS[:, :, None, None]
-  # exp of the masked-out (positive, possibly huge) differences is never taken: its gradient
-  # would be inf x 0.
-  decay_BxCxLxSxGxR = jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
-  CB_BxCxGxLxS = einsum('bclgn,bcsgn->bcgls', C_BxCxLxGxN, B_BxCxLxGxN)
-  scores = CB_BxCxGxLxS.transpose(0, 1, 3, 4, 2)[..., None] * decay_BxCxLxSxGxR
-  y_diag = einsum('bclsgr,bcsgrp->bclgrp', scores, xdt_BxCxLxGxRxP)
+  # Differences of one chunk's cumulative sums: these sums stay small (Q steps of Δ A), so they
+  # keep float32's precision without the paper's segment-sum of masked cumulative sums. Masked
+  # (l < s) entries are exp(-inf) = 0, whose gradient is 0 too.
+  causal_QxQ = jnp.tril(jnp.ones((c, c), bool))
+  diff = a_BxKxGxRxQ[..., :, None] - a_BxKxGxRxQ[..., None, :]
+  decay_BxKxGxRxQxQ = jnp.exp(jnp.where(causal_QxQ, diff, -jnp.inf))
+  CB_BxKxGxQxQ = einsum('bkgln,bkgsn->bkgls', C_BxKxGxQxN, B_BxKxGxQxN)
+  scores_BxKxGxRxQxQ = CB_BxKxGxQxQ[:, :, :, None] * decay_BxKxGxRxQxQ
+  y_BxKxGxRxQxP = einsum('bkgrls,bkgrsp->bkgrlp', scores_BxKxGxRxQxQ, xdt_BxKxGxRxQxP)
 
   # 2. Each chunk's own state at its end: sum_s exp(a_last - a_s) Δ_s x_s ⊗ B_s.
-  to_end_BxCxLxGxR = jnp.exp(a_BxCxLxGxR[:, :, -1:] - a_BxCxLxGxR)
-  states_BxCxGxRxPxN = einsum('bclgr,bclgrp,bclgn->bcgrpn', to_end_BxCxLxGxR,
-                                  xdt_BxCxLxGxRxP, B_BxCxLxGxN)
+  to_end_BxKxGxRxQ = jnp.exp(a_BxKxGxRxQ[..., -1:] - a_BxKxGxRxQ)
+  states_BxKxGxRxPxN = einsum('bkgrsp,bkgsn->bkgrpn',
+                              xdt_BxKxGxRxQxP * to_end_BxKxGxRxQ[..., None], B_BxKxGxQxN)
 
   # 3. Across chunks: the state entering chunk k + 1 is exp(a_last of k) x (state entering k) +
-  # chunk k's own state; a short scan over the L / c chunks.
+  # chunk k's own state; a short scan over the L / Q chunks.
   h0 = (jnp.zeros((batch, H, P, N), dtype) if initial_state is None
         else f32(initial_state))
-  chunk_decay_CxBxGxR = jnp.moveaxis(jnp.exp(a_BxCxLxGxR[:, :, -1]), 1, 0)
+  chunk_decay_KxBxGxR = jnp.moveaxis(jnp.exp(a_BxKxGxRxQ[..., -1]), 1, 0)
 
   def across(h_BxGxRxPxN, inputs):
     decay_BxGxR, own_BxGxRxPxN = inputs
     return decay_BxGxR[..., None, None] * h_BxGxRxPxN + own_BxGxRxPxN, h_BxGxRxPxN
 
   final, entering = jax.lax.scan(across, h0.reshape(batch, G, R, P, N),
-                                 (chunk_decay_CxBxGxR, jnp.moveaxis(states_BxCxGxRxPxN, 1, 0)))
-  entering_BxCxGxRxPxN = jnp.moveaxis(entering, 0, 1)
+                                 (chunk_decay_KxBxGxR, jnp.moveaxis(states_BxKxGxRxPxN, 1, 0)))
+  entering_BxKxGxRxPxN = jnp.moveaxis(entering, 0, 1)
 
   # 4. State to output: y_l += exp(a_l) (h_entering C_l).
-  y_off = einsum('bclgn,bcgrpn,bclgr->bclgrp', C_BxCxLxGxN, entering_BxCxGxRxPxN,
-                     jnp.exp(a_BxCxLxGxR))
+  y_off = einsum('bkgln,bkgrpn->bkgrlp', C_BxKxGxQxN, entering_BxKxGxRxPxN)
+  y_BxKxGxRxQxP = y_BxKxGxRxQxP + y_off * jnp.exp(a_BxKxGxRxQ)[..., None]
 
-  y = (y_diag + y_off).reshape(batch, nc * c, H, P)[:, :length].astype(x.dtype)
+  y = jnp.moveaxis(y_BxKxGxRxQxP, 4, 2).reshape(batch, nc * c, H, P)[:, :length]
   if return_final_state:
-    return y, final.reshape(batch, H, P, N)
-  return y
+    return y.astype(x.dtype), final.reshape(batch, H, P, N)
+  return y.astype(x.dtype)
+
+
+def _chunk(a, pad: int, c: int):
+  """(batch, L, ...) -> (batch, chunks, c, ...), the length padded with zeros."""
+  a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+  return a.reshape(a.shape[0], -1, c, *a.shape[2:])
 
 
 def ssd_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
