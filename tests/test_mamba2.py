@@ -169,8 +169,9 @@ def test_the_mixer_equals_the_paper_written_out_and_initialises_as_the_paper():
   dt = np.asarray(jax.nn.softplus(p['dt_bias']))           # Δ when the projection is small
   assert np.all((m.dt_min * 0.999 <= dt) & (dt <= m.dt_max * 1.001))
   np.testing.assert_array_equal(p['D'], np.ones(8))
-  names = {'/'.join(str(k.key) for k in path): leaf.names for path, leaf in
-           jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))}
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  names = {'/'.join(str(k.key) for k in path): leaf.names
+           for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=is_box)}
   # Every per-head parameter and projection has its heads on 'ssm_heads', which shards on the
   # 'tensor' mesh axis.
   assert dict(RULES)['ssm_heads'] == 'tensor'

@@ -6,8 +6,9 @@
 
 The blocks are `model.blocks.Block` without a feed-forward, built from `model` (width 256, 4 heads
 of 64 for attention; Mamba at its defaults: N = 16, Din = 2 D, conv 4, parallel scan in chunks of
-128; Mamba-2 at its defaults but N = 64: 8 heads of 64, Din = 2 D, conv 4, SSD chunks of 256). Attention at 8192 tokens holds a few (batch, heads, L, L) float32 arrays, 1 GiB each for
-batch 1 and 4 heads.
+128; Mamba-2 at its defaults but N = 64: 8 heads of 64, Din = 2 D, conv 4, SSD chunks of 256).
+Attention at 8192 tokens holds a few (batch, heads, L, L) float32 arrays, 1 GiB each for batch 1
+and 4 heads.
 """
 
 from ml_collections import ConfigDict
