@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from model import LM, blocks, count_params, training_flops_per_token
 from model.config import check_context
 from train import checkpoint as ckpt_lib
+from train import executables
 from train import config as config_lib
 from train import data as data_lib
 from train import mesh as mesh_lib
@@ -36,7 +37,7 @@ from train.progress import Progress, phase
 from train.state import Layout, StartRun, union
 
 
-def _init_fn(layout: Layout, optimizer, seed: int):
+def _init_fn(layout: Layout, optimizer, seed: int, num_steps: int = 0):
   """() -> the initial TrainState with zeros for its frozen parameters (`Layout`), every array
   boxed with logical axis names: optax maps over the boxes, so one rules table shards the
   parameters and their optimizer state alike."""
@@ -47,7 +48,8 @@ def _init_fn(layout: Layout, optimizer, seed: int):
       frozen = jax.tree.map(lambda box: box.replace_boxed(jnp.zeros(box.value.shape,
                                                                     box.value.dtype)),
                             frozen, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    return step_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), frozen)
+    return step_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), frozen,
+                               jnp.asarray(num_steps, jnp.int32))
   return init
 
 
@@ -61,12 +63,13 @@ def state_shardings(model: LM, optimizer, mesh, layout: Layout | None = None):
 
 
 def init_state(model: LM, optimizer, mesh, seed: int, shardings=None,
-               layout: Layout | None = None):
+               layout: Layout | None = None, num_steps: int = 0):
   """The train state created on the mesh with its shardings (`state_shardings`'s unless given):
-  (state, shardings). Its frozen parameters, if the layout has any, are zeros until read."""
+  (state, shardings). Its frozen parameters, if the layout has any, are zeros until read;
+  `num_steps` is the schedule's length (train.num_steps), which the step reads as data."""
   layout = layout or Layout(model)
   shardings = shardings or state_shardings(model, optimizer, mesh, layout)
-  init = _init_fn(layout, optimizer, seed)
+  init = _init_fn(layout, optimizer, seed, num_steps)
   # Compiled without XLA's backend optimisations: it runs once, and optimising the random
   # initialisers of a large tree takes seconds.
   init = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings).lower()
@@ -101,7 +104,9 @@ def compiled_calls(model: LM, optimizer, train_cfg, mesh, shardings, objective,
       model, optimizer, optim.learning_rate_schedule(train_cfg), train_cfg.seed,
       train_cfg.grad_accum_steps,
       loss_fn=lambda params, batch, rng, frozen: loss_fn(layout.model_params(params, frozen),
-                                                         batch, rng, frozen))
+                                                         batch, rng, frozen),
+      for_length=lambda n: (optim.make_optimizer(train_cfg, num_steps=n),
+                            optim.learning_rate_schedule(train_cfg, n)))
   eval_step = None
   if not getattr(objective, 'on_policy', False):  # those evaluate by generating
     eval_step = sharded_eval_step(objective, model, mesh, shardings.params, shardings.frozen,
@@ -244,7 +249,8 @@ class Run:
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices('data prepared')
 
-    self.state, _ = init_state(model, optimizer, self.mesh, tc.seed, shardings, self.layout)
+    self.state, _ = init_state(model, optimizer, self.mesh, tc.seed, shardings, self.layout,
+                               num_steps=tc.num_steps)
     if start is not None:  # the started parameters: frozen, trained, or both (Layout)
       started = start.params(ckpt_lib.abstract_like(
           nn.unbox(self.layout.started), mesh_lib.logical_shardings(self.layout.started,
@@ -355,7 +361,8 @@ class Run:
     if k not in self.compiled:
       start = time.time()
       with phase(f'compiling the train step ({k} steps per call)'):
-        self.compiled[k] = self.multi_step.lower(self.state, batches).compile()
+        self.compiled[k] = executables.compile(self.multi_step.lower(self.state, batches),
+                                               self.mesh)
       self.compile_s += time.time() - start
     return self.compiled[k]
 

@@ -1,0 +1,71 @@
+"""Speed without changing what is computed: the schedule's length as data (one compile for runs
+that differ only in their length), a stable MFU denominator, and the benchmark timing the loop's
+own program."""
+
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from conftest import run_config
+from train import optim
+from train.loop import train_and_evaluate
+
+
+def optax_schedule(tc):
+  """The schedule as it was written before its length became data: optax's own schedules."""
+  warmup = min(tc.warmup_steps, tc.num_steps)
+  if tc.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.num_steps, warmup + 1),
+                                              end_value=tc.min_lr)
+  ramp = optax.linear_schedule(0.0, tc.lr, warmup)
+  decay = (optax.linear_schedule(tc.lr, tc.min_lr, max(tc.num_steps - warmup, 1))
+           if tc.schedule == 'linear' else optax.constant_schedule(tc.lr))
+  return optax.join_schedules([ramp, decay], [warmup])
+
+
+@pytest.mark.parametrize('schedule', ['cosine', 'linear', 'constant'])
+def test_schedule_with_a_traced_length_equals_optax(schedule):
+  for warmup, num_steps in [(10, 100), (0, 7), (20, 12)]:
+    check_schedule(schedule, warmup, num_steps)
+
+
+def check_schedule(schedule, warmup, num_steps):
+  tc = ml_collections.ConfigDict(dict(lr=3e-3, min_lr=2e-4, warmup_steps=warmup,
+                                      num_steps=num_steps, schedule=schedule))
+  counts = jnp.arange(num_steps + 5)
+  traced = jax.jit(lambda n: jax.vmap(optim.learning_rate_schedule(tc, n))(counts))
+  expected = optax_schedule(tc)(counts)
+  np.testing.assert_allclose(traced(num_steps), expected, rtol=2e-6, atol=1e-9)
+  np.testing.assert_allclose(jax.vmap(optim.learning_rate_schedule(tc))(counts), expected,
+                             rtol=2e-6, atol=1e-9)
+
+
+def test_runs_differing_only_in_length_compile_the_train_step_once(tfds_dir, tmp_path, caplog):
+  """Two runs, 20 and 30 steps: one compile of the multi-step and one of the evaluation, and the
+  second run's learning rates follow its own (longer) schedule."""
+  jax.config.update('jax_log_compiles', True)
+  try:
+    with caplog.at_level(logging.WARNING, logger='jax'):
+      rows = {}
+      for steps in (10, 20):
+        config = run_config(tfds_dir, train=dict(num_steps=steps, eval_every=0,
+                                                 checkpoint_every=0, log_every=1,
+                                                 eval_batch_size=512))
+        train_and_evaluate(config, str(tmp_path / f'run{steps}'))
+        rows[steps] = config
+  finally:
+    jax.config.update('jax_log_compiles', False)
+  compiles = [r.getMessage() for r in caplog.records
+              if 'Finished XLA compilation of jit(multi_step)' in r.getMessage()]
+  assert len(compiles) == 1, compiles
+  for steps, config in rows.items():
+    with open(tmp_path / f'run{steps}' / 'metrics.jsonl') as f:
+      lrs = [json.loads(line)['lr'] for line in f if '"lr"' in line]
+    expected = optax_schedule(config.train)(jnp.arange(steps))
+    np.testing.assert_allclose(lrs, expected, rtol=2e-6, atol=1e-9)
