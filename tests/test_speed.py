@@ -69,3 +69,58 @@ def test_runs_differing_only_in_length_compile_the_train_step_once(tfds_dir, tmp
       lrs = [json.loads(line)['lr'] for line in f if '"lr"' in line]
     expected = optax_schedule(config.train)(jnp.arange(steps))
     np.testing.assert_allclose(lrs, expected, rtol=2e-6, atol=1e-9)
+
+
+class FakeDevice:
+  def __init__(self, platform, device_kind, process_index=0):
+    self.platform, self.device_kind, self.process_index = platform, device_kind, process_index
+
+
+def test_known_accelerators_read_their_published_peak_per_chip():
+  from train import perf
+  assert perf.known_peak('TPU v5 lite') == 197e12
+  assert perf.known_peak('TPU v5') == 459e12 and perf.known_peak('TPU v5p') == 459e12
+  assert perf.known_peak('NVIDIA H100 80GB HBM3') == 989e12
+  assert perf.known_peak('NVIDIA A100-SXM4-40GB') == 312e12
+  assert perf.known_peak('cpu') is None
+  flops, source = perf.peak('bfloat16', devices=[FakeDevice('tpu', 'TPU v6 lite')] * 8)
+  assert flops == 8 * 918e12 and 'published' in source
+  assert perf.peak('bfloat16', override=3e12, devices=[FakeDevice('tpu', 'TPU v4')])[0] == 3e12
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+  """The CPU peak measured into a cache under tmp_path: a list of the measurements taken."""
+  from train import perf
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  calls = []
+
+  def measure(dtype, repeats=5):
+    calls.append(dtype)
+    return 1e11 * len(calls)  # a different figure at every measurement
+  monkeypatch.setattr(perf, 'measure_peak_flops', measure)
+  return calls
+
+
+def test_a_cpu_peak_is_measured_once_per_machine_then_read_from_the_cache(measured, tmp_path):
+  from train import perf
+  cpu = [FakeDevice('cpu', 'cpu')]
+  first, source = perf.peak('float32', devices=cpu)
+  assert 'measured now' in source and measured == ['float32']
+  again, source = perf.peak('float32', devices=cpu)  # a resumed run, a second run
+  assert again == first == 1e11 and 'cached' in source and measured == ['float32']
+  with open(tmp_path / 'nexttoken' / 'peak_flops.json') as f:
+    assert list(json.load(f).values()) == [1e11]
+  perf.peak('bfloat16', devices=cpu)  # another dtype is another measurement
+  assert measured == ['float32', 'bfloat16']
+
+
+def test_simulated_cpu_devices_share_one_cpu_peak(measured):
+  from train import perf
+  one = perf.peak('float32', devices=[FakeDevice('cpu', 'cpu')])[0]
+  four = perf.peak('float32', devices=[FakeDevice('cpu', 'cpu')] * 4)[0]
+  assert four == one  # MFU must not fall 4x because one CPU is shown as four devices
+  two_hosts = [FakeDevice('cpu', 'cpu', i // 2) for i in range(4)]
+  assert perf.peak('float32', devices=two_hosts)[0] == 2 * one
+  # with the real device list too (one or several simulated devices: the same figure)
+  assert perf.peak('float32')[0] == one

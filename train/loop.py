@@ -283,7 +283,7 @@ class Run:
     self.compile_s = 0.0
     self.eval_compiled = None
     self.flops_per_token = training_flops_per_token(self.model_cfg, dc.seq_len)
-    self.peak = perf.peak_flops_per_s(self.model_cfg.dtype, tc.peak_flops)
+    self.peak, self.peak_source = perf.peak(self.model_cfg.dtype, tc.peak_flops)
     self.progress = Progress(tc.num_steps, int(self.state.step), enabled=self.chief)
     self.on_policy = getattr(self.objective, 'on_policy', False)
     if self.on_policy:
@@ -329,7 +329,8 @@ class Run:
         f'{f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""}, '
         f'mesh {dict(self.mesh.shape)}, '
         f'{bytes_per_device(self.state.params) / 2**20:.2f} MiB parameters and '
-        f'{bytes_per_device(self.state.opt_state) / 2**20:.2f} MiB optimizer state per device\n'
+        f'{bytes_per_device(self.state.opt_state) / 2**20:.2f} MiB optimizer state per device; '
+        f'MFU peak {self.peak / 1e9:,.0f} GFLOP/s ({self.peak_source})\n'
         f'batch: {tc.batch_size} x {dc.seq_len} tokens per step, '
         f'{tc.batch_size // mesh_lib.batch_shards(self.mesh)} sequences per device; '
         f'{start} in {self.workdir}')
