@@ -46,9 +46,23 @@ def check_schedule(schedule, warmup, num_steps):
                              rtol=2e-6, atol=1e-9)
 
 
-def test_runs_differing_only_in_length_compile_the_train_step_once(tfds_dir, tmp_path, caplog):
-  """Two runs, 20 and 30 steps: one compile of the multi-step and one of the evaluation, and the
-  second run's learning rates follow its own (longer) schedule."""
+def spy_on_train_call(monkeypatch):
+  """The calls of `train.loop.train_call`, the one builder of the train call, as they happen."""
+  from train import loop
+  calls, build = [], loop.train_call
+
+  def spy(model, *args, **kwargs):
+    calls.append(model.config)
+    return build(model, *args, **kwargs)
+  monkeypatch.setattr(loop, 'train_call', spy)
+  return calls
+
+
+def test_runs_differing_only_in_length_compile_the_train_step_once(tfds_dir, tmp_path, caplog,
+                                                                   monkeypatch):
+  """Two runs, 10 and 20 steps: one compile of the multi-step, and the second run's learning
+  rates follow its own (longer) schedule."""
+  built = spy_on_train_call(monkeypatch)
   jax.config.update('jax_log_compiles', True)
   try:
     with caplog.at_level(logging.WARNING, logger='jax'):
@@ -64,6 +78,7 @@ def test_runs_differing_only_in_length_compile_the_train_step_once(tfds_dir, tmp
   compiles = [r.getMessage() for r in caplog.records
               if 'Finished XLA compilation of jit(multi_step)' in r.getMessage()]
   assert len(compiles) == 1, compiles
+  assert len(built) == 2  # each run built its call with the one builder
   for steps, config in rows.items():
     with open(tmp_path / f'run{steps}' / 'metrics.jsonl') as f:
       lrs = [json.loads(line)['lr'] for line in f if '"lr"' in line]
@@ -124,3 +139,22 @@ def test_simulated_cpu_devices_share_one_cpu_peak(measured):
   assert perf.peak('float32', devices=two_hosts)[0] == 2 * one
   # with the real device list too (one or several simulated devices: the same figure)
   assert perf.peak('float32')[0] == one
+
+
+class Built(Exception):
+  """Raised once the builder has been called: what it builds need not be compiled here."""
+
+
+def test_the_benchmark_times_the_call_the_loop_builds(monkeypatch):
+  from train import loop
+  from test_benchmark import tiny_shape
+  import experiments.benchmark.__main__ as benchmark
+  built = []
+
+  def spy(model, optimizer, train_cfg, *args, **kwargs):
+    built.append((model.config.d_model, train_cfg.batch_size))
+    raise Built
+  monkeypatch.setattr(loop, 'train_call', spy)
+  with pytest.raises(Built):
+    benchmark.bench_train('tiny', tiny_shape(), steps_per_call=1, repeats=1, peak=1e11)
+  assert built == [(32, 2)]

@@ -94,24 +94,36 @@ def check_batches(train_cfg, mesh) -> None:
   mesh_lib.check_batch(tc.eval_batch_size, mesh, 'train.eval_batch_size')
 
 
+def train_call(model: LM, optimizer, train_cfg, mesh, shardings, loss_fn=None,
+               layout: Layout | None = None):
+  """The multi-step train call a run compiles (`sharded_multi_step` of the train step): the one
+  builder of the training loop and of `python -m experiments.benchmark`, so the benchmark times
+  the loop's very program. `loss_fn(model)` defaults to the language-modelling loss; the layout
+  turns the trained (and frozen) parameters into the model's; the schedule's length is read from
+  the state (`TrainState.num_steps`)."""
+  layout = layout or Layout(model)
+  loss = (loss_fn or (lambda m: step_lib.make_loss_fn(m, dropout=m.config.dropout > 0)))(model)
+  train_step = step_lib.make_train_step(
+      model, optimizer, optim.learning_rate_schedule(train_cfg), train_cfg.seed,
+      train_cfg.grad_accum_steps,
+      loss_fn=lambda params, batch, rng, frozen: loss(layout.model_params(params, frozen),
+                                                      batch, rng, frozen),
+      for_length=lambda n: (optim.make_optimizer(train_cfg, num_steps=n),
+                            optim.learning_rate_schedule(train_cfg, n)))
+  return sharded_multi_step(train_step, mesh, shardings)
+
+
 def compiled_calls(model: LM, optimizer, train_cfg, mesh, shardings, objective,
                    layout: Layout | None = None):
   """What a run compiles: (the multi-step train call, the eval step or None) on `mesh`, for the
   objective's loss and evaluation on the parameters the layout turns into the model's."""
   layout = layout or Layout(model)
-  loss_fn = objective.loss_fn(model)
-  train_step = step_lib.make_train_step(
-      model, optimizer, optim.learning_rate_schedule(train_cfg), train_cfg.seed,
-      train_cfg.grad_accum_steps,
-      loss_fn=lambda params, batch, rng, frozen: loss_fn(layout.model_params(params, frozen),
-                                                         batch, rng, frozen),
-      for_length=lambda n: (optim.make_optimizer(train_cfg, num_steps=n),
-                            optim.learning_rate_schedule(train_cfg, n)))
   eval_step = None
   if not getattr(objective, 'on_policy', False):  # those evaluate by generating
     eval_step = sharded_eval_step(objective, model, mesh, shardings.params, shardings.frozen,
                                   layout)
-  return sharded_multi_step(train_step, mesh, shardings), eval_step
+  return (train_call(model, optimizer, train_cfg, mesh, shardings, objective.loss_fn, layout),
+          eval_step)
 
 
 def sharded_eval_step(objective, model: LM, mesh, param_shardings, frozen_shardings,
