@@ -30,3 +30,8 @@ def compile(lowered, mesh: Mesh, options: dict | None = None):  # pylint: disabl
   while len(_programs) > MAX_PROGRAMS:
     _programs.popitem(last=False)
   return executable
+
+
+def clear() -> None:
+  """Forgets every kept program (tests that count compilations start from none)."""
+  _programs.clear()

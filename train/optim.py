@@ -24,22 +24,25 @@ def learning_rate_schedule(tc, num_steps=None) -> optax.Schedule:
     raise ValueError(f'train.schedule={tc.schedule!r} is not known; choose cosine, linear or '
                      f'constant')
   length = tc.num_steps if num_steps is None else num_steps
+  lr, min_lr = tc.lr, tc.min_lr
+  alpha = 0.0 if lr == 0.0 else min_lr / lr
 
   def schedule(count):
-    n = jnp.asarray(length, jnp.float32)
-    t = jnp.asarray(count, jnp.float32)
-    warmup = jnp.minimum(jnp.float32(tc.warmup_steps), n)
-    ramp = tc.lr * jnp.clip(t / jnp.maximum(warmup, 1.0), 0.0, 1.0)
-    if tc.schedule == 'constant':
-      decay = jnp.full_like(t, tc.lr)
+    # optax's operations in optax's order, so the values are the same to the bit.
+    n = jnp.asarray(length, jnp.int32)
+    warmup = jnp.minimum(jnp.int32(tc.warmup_steps), n)
+    ramp = (0.0 - lr) * (1 - jnp.clip(count, 0, warmup) / warmup) + lr  # unused when warmup = 0
+    after = count - warmup
+    if tc.schedule == 'cosine':
+      steps = (jnp.maximum(n, warmup + 1) - warmup).astype(jnp.float32)
+      cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(after, steps) / steps))
+      decay = lr * ((1 - alpha) * cosine + alpha)
+    elif tc.schedule == 'linear':
+      steps = jnp.maximum(n - warmup, 1)
+      decay = (lr - min_lr) * (1 - jnp.clip(after, 0, steps) / steps) + min_lr
     else:
-      # optax: cosine over max(n, warmup + 1) - warmup steps, linear over max(n - warmup, 1)
-      span = (jnp.maximum(n, warmup + 1.0) - warmup if tc.schedule == 'cosine'
-              else jnp.maximum(n - warmup, 1.0))
-      frac = jnp.clip((t - warmup) / span, 0.0, 1.0)
-      shape = 0.5 * (1.0 + jnp.cos(jnp.pi * frac)) if tc.schedule == 'cosine' else 1.0 - frac
-      decay = tc.min_lr + (tc.lr - tc.min_lr) * shape
-    return jnp.where(t < warmup, ramp, decay)
+      decay = jnp.full(jnp.shape(count), lr, jnp.float32)
+    return jnp.where(count < warmup, ramp, decay)
   return schedule
 
 
