@@ -239,7 +239,7 @@ def test_a_non_finite_update_on_a_save_step_is_never_saved(tfds_dir, tmp_path, m
   workdir = str(tmp_path / 'run')
   make_optimizer = optim.make_optimizer
   monkeypatch.setattr(optim, 'make_optimizer',
-                      lambda tc: optax.chain(make_optimizer(tc), inf_update_at(19)))
+                      lambda tc, **kw: optax.chain(make_optimizer(tc, **kw), inf_update_at(19)))
   config = run_config(tfds_dir, train=dict(num_steps=40, checkpoint_every=10, eval_every=0))
   with pytest.raises(NonFiniteError, match=r'not finite at step 20, so they were not saved. The '
                                            r'last good checkpoint, step 10, is intact'):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from train import mesh as mesh_lib
+from train import executables, mesh as mesh_lib
 from train.objectives import Objective
 from train.progress import bar, phase
 
@@ -18,7 +18,7 @@ def compile_eval_step(eval_step, spec: dict, mesh, params, frozen):
   batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
            for name, (shape, dtype) in spec.items()}
   with phase('compiling the evaluation step'):
-    return eval_step.lower(params, frozen, batch).compile()
+    return executables.compile(eval_step.lower(params, frozen, batch), mesh)
 
 
 def evaluate(eval_step, params, frozen, objective: Objective, data, mesh,

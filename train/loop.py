@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from model import LM, blocks, count_params, training_flops_per_token
 from model.config import check_context
 from train import checkpoint as ckpt_lib
+from train import executables
 from train import config as config_lib
 from train import data as data_lib
 from train import mesh as mesh_lib
@@ -36,7 +37,7 @@ from train.progress import Progress, phase
 from train.state import Layout, StartRun, union
 
 
-def _init_fn(layout: Layout, optimizer, seed: int):
+def _init_fn(layout: Layout, optimizer, seed: int, num_steps: int = 0):
   """() -> the initial TrainState with zeros for its frozen parameters (`Layout`), every array
   boxed with logical axis names: optax maps over the boxes, so one rules table shards the
   parameters and their optimizer state alike."""
@@ -47,7 +48,8 @@ def _init_fn(layout: Layout, optimizer, seed: int):
       frozen = jax.tree.map(lambda box: box.replace_boxed(jnp.zeros(box.value.shape,
                                                                     box.value.dtype)),
                             frozen, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    return step_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), frozen)
+    return step_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), frozen,
+                               jnp.asarray(num_steps, jnp.int32))
   return init
 
 
@@ -61,12 +63,13 @@ def state_shardings(model: LM, optimizer, mesh, layout: Layout | None = None):
 
 
 def init_state(model: LM, optimizer, mesh, seed: int, shardings=None,
-               layout: Layout | None = None):
+               layout: Layout | None = None, num_steps: int = 0):
   """The train state created on the mesh with its shardings (`state_shardings`'s unless given):
-  (state, shardings). Its frozen parameters, if the layout has any, are zeros until read."""
+  (state, shardings). Its frozen parameters, if the layout has any, are zeros until read;
+  `num_steps` is the schedule's length (train.num_steps), which the step reads as data."""
   layout = layout or Layout(model)
   shardings = shardings or state_shardings(model, optimizer, mesh, layout)
-  init = _init_fn(layout, optimizer, seed)
+  init = _init_fn(layout, optimizer, seed, num_steps)
   # Compiled without XLA's backend optimisations: it runs once, and optimising the random
   # initialisers of a large tree takes seconds.
   init = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings).lower()
@@ -91,22 +94,36 @@ def check_batches(train_cfg, mesh) -> None:
   mesh_lib.check_batch(tc.eval_batch_size, mesh, 'train.eval_batch_size')
 
 
+def train_call(model: LM, optimizer, train_cfg, mesh, shardings, loss_fn=None,
+               layout: Layout | None = None):
+  """The multi-step train call a run compiles (`sharded_multi_step` of the train step): the one
+  builder of the training loop and of `python -m experiments.benchmark`, so the benchmark times
+  the loop's very program. `loss_fn(model)` defaults to the language-modelling loss; the layout
+  turns the trained (and frozen) parameters into the model's; the schedule's length is read from
+  the state (`TrainState.num_steps`)."""
+  layout = layout or Layout(model)
+  loss = (loss_fn or (lambda m: step_lib.make_loss_fn(m, dropout=m.config.dropout > 0)))(model)
+  train_step = step_lib.make_train_step(
+      model, optimizer, optim.learning_rate_schedule(train_cfg), train_cfg.seed,
+      train_cfg.grad_accum_steps,
+      loss_fn=lambda params, batch, rng, frozen: loss(layout.model_params(params, frozen),
+                                                      batch, rng, frozen),
+      for_length=lambda n: (optim.make_optimizer(train_cfg, num_steps=n),
+                            optim.learning_rate_schedule(train_cfg, n)))
+  return sharded_multi_step(train_step, mesh, shardings)
+
+
 def compiled_calls(model: LM, optimizer, train_cfg, mesh, shardings, objective,
                    layout: Layout | None = None):
   """What a run compiles: (the multi-step train call, the eval step or None) on `mesh`, for the
   objective's loss and evaluation on the parameters the layout turns into the model's."""
   layout = layout or Layout(model)
-  loss_fn = objective.loss_fn(model)
-  train_step = step_lib.make_train_step(
-      model, optimizer, optim.learning_rate_schedule(train_cfg), train_cfg.seed,
-      train_cfg.grad_accum_steps,
-      loss_fn=lambda params, batch, rng, frozen: loss_fn(layout.model_params(params, frozen),
-                                                         batch, rng, frozen))
   eval_step = None
   if not getattr(objective, 'on_policy', False):  # those evaluate by generating
     eval_step = sharded_eval_step(objective, model, mesh, shardings.params, shardings.frozen,
                                   layout)
-  return sharded_multi_step(train_step, mesh, shardings), eval_step
+  return (train_call(model, optimizer, train_cfg, mesh, shardings, objective.loss_fn, layout),
+          eval_step)
 
 
 def sharded_eval_step(objective, model: LM, mesh, param_shardings, frozen_shardings,
@@ -244,7 +261,8 @@ class Run:
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices('data prepared')
 
-    self.state, _ = init_state(model, optimizer, self.mesh, tc.seed, shardings, self.layout)
+    self.state, _ = init_state(model, optimizer, self.mesh, tc.seed, shardings, self.layout,
+                               num_steps=tc.num_steps)
     if start is not None:  # the started parameters: frozen, trained, or both (Layout)
       started = start.params(ckpt_lib.abstract_like(
           nn.unbox(self.layout.started), mesh_lib.logical_shardings(self.layout.started,
@@ -277,7 +295,7 @@ class Run:
     self.compile_s = 0.0
     self.eval_compiled = None
     self.flops_per_token = training_flops_per_token(self.model_cfg, dc.seq_len)
-    self.peak = perf.peak_flops_per_s(self.model_cfg.dtype, tc.peak_flops)
+    self.peak, self.peak_source = perf.peak(self.model_cfg.dtype, tc.peak_flops)
     self.progress = Progress(tc.num_steps, int(self.state.step), enabled=self.chief)
     self.on_policy = getattr(self.objective, 'on_policy', False)
     if self.on_policy:
@@ -323,7 +341,8 @@ class Run:
         f'{f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""}, '
         f'mesh {dict(self.mesh.shape)}, '
         f'{bytes_per_device(self.state.params) / 2**20:.2f} MiB parameters and '
-        f'{bytes_per_device(self.state.opt_state) / 2**20:.2f} MiB optimizer state per device\n'
+        f'{bytes_per_device(self.state.opt_state) / 2**20:.2f} MiB optimizer state per device; '
+        f'MFU peak {self.peak / 1e9:,.0f} GFLOP/s ({self.peak_source})\n'
         f'batch: {tc.batch_size} x {dc.seq_len} tokens per step, '
         f'{tc.batch_size // mesh_lib.batch_shards(self.mesh)} sequences per device; '
         f'{start} in {self.workdir}')
@@ -355,7 +374,8 @@ class Run:
     if k not in self.compiled:
       start = time.time()
       with phase(f'compiling the train step ({k} steps per call)'):
-        self.compiled[k] = self.multi_step.lower(self.state, batches).compile()
+        self.compiled[k] = executables.compile(self.multi_step.lower(self.state, batches),
+                                               self.mesh)
       self.compile_s += time.time() - start
     return self.compiled[k]
 

@@ -1,7 +1,19 @@
-"""Device speed: the measured peak matmul rate (the denominator of MFU) and MFU itself."""
+"""Device speed: the peak matmul rate (the denominator of MFU) and MFU itself.
+
+The peak must be the same at every start of a run, or MFU moves with a neighbour's load rather
+than with the run's speed. Known accelerators read it from a table of their published dense
+bfloat16 peaks; any other device (a CPU) measures a matmul once per machine and keeps the figure
+in ~/.cache/nexttoken/peak_flops.json (delete it to measure again; `train.peak_flops` overrides
+both). Devices that share one processor (CPU devices simulated with
+--xla_force_host_platform_device_count) share its peak: it is counted once per process, not once
+per device.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import platform as platform_lib
 import time
 
 import jax
@@ -40,10 +52,87 @@ def measure_peak_flops(dtype: str = 'float32', n: int | None = None, repeats: in
   return 2.0 * n ** 3 / timed(matmul, a, b, repeats=repeats, statistic=np.min)
 
 
+# Dense bfloat16 matmul FLOP/s per chip, from the vendors' published figures (TPUs: the Cloud
+# TPU system architecture pages, as in train/compile_for.py; NVIDIA: the SXM parts' data sheets,
+# without sparsity). Keyed by a part of JAX's device_kind; MFU is quoted against this peak whatever
+# the compute dtype, as MaxText and PaLM quote it.
+KNOWN_PEAKS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,   # v5e
+    'TPU v5p': 459e12,
+    'TPU v5': 459e12,        # v5p's device_kind
+    'TPU v6 lite': 918e12,   # v6e (Trillium)
+    'H100': 989e12,
+    'H200': 989e12,
+    'A100': 312e12,
+}
+
+
+def known_peak(device_kind: str) -> float | None:
+  """The table's peak for `device_kind` (the longest matching key), or None."""
+  keys = [k for k in KNOWN_PEAKS if k.lower() in device_kind.lower()]
+  return KNOWN_PEAKS[max(keys, key=len)] if keys else None
+
+
+def cache_path() -> str:
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'nexttoken', 'peak_flops.json')
+
+
+def _machine_key(device, dtype: str) -> str:
+  """What a measured peak belongs to: this host, its processor and core count, the device kind
+  and the dtype."""
+  return '|'.join([platform_lib.node(), platform_lib.processor() or platform_lib.machine(),
+                   f'{os.cpu_count()} cores', device.platform, device.device_kind, dtype])
+
+
+def cached_measured_peak(device, dtype: str) -> tuple[float, str]:
+  """One device's measured peak, measured on the first call on this machine and read from the
+  cache after: (FLOP/s, where it came from)."""
+  path, key = cache_path(), _machine_key(device, dtype)
+  cache = {}
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        cache = json.load(f)
+    except (OSError, ValueError):  # unreadable: measure again and rewrite it
+      cache = {}
+  if key in cache:
+    return float(cache[key]), f'measured once on this machine, cached in {path}'
+  flops = measure_peak_flops(dtype, repeats=10)
+  cache[key] = flops
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f'{path}.{os.getpid()}', 'w') as f:
+      json.dump(cache, f, indent=1)
+    os.replace(f'{path}.{os.getpid()}', path)
+  except OSError:  # a read-only home: the figure is used, not kept
+    return flops, 'measured now (the cache could not be written)'
+  return flops, f'measured now, cached in {path}'
+
+
+def peak(dtype: str = 'float32', override: float = 0.0, devices=None) -> tuple[float, str]:
+  """(the denominator of MFU for all `devices` (JAX's), where it comes from): `override`
+  (train.peak_flops) when set; else the table's peak per chip times the chips; else one device's
+  measured peak (cached) times the devices, except on CPUs, whose devices share the processor of
+  their process: one peak per process."""
+  if override:
+    return float(override), 'train.peak_flops'
+  devices = jax.devices() if devices is None else devices
+  first = devices[0]
+  table = known_peak(first.device_kind)
+  if table is not None:
+    return table * len(devices), f'{first.device_kind}: published peak {table / 1e12:g} TFLOP/s'
+  flops, source = cached_measured_peak(first, dtype)
+  if first.platform == 'cpu':
+    processes = len({getattr(d, 'process_index', 0) for d in devices})
+    return flops * processes, source
+  return flops * len(devices), source
+
+
 def peak_flops_per_s(dtype: str = 'float32', override: float = 0.0) -> float:
-  """The denominator of MFU for all devices: `override` (train.peak_flops) when it is set, else
-  one device's measured matmul rate times the device count."""
-  return override or measure_peak_flops(dtype) * jax.device_count()
+  """The denominator of MFU for all devices (`peak`)."""
+  return peak(dtype, override)[0]
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_flops_per_s: float) -> float:

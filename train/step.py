@@ -34,6 +34,7 @@ class TrainState:
   params: Any          # what the optimizer trains
   opt_state: Any
   frozen: Any = None   # parameters the step reads but does not train (not checkpointed)
+  num_steps: Any = None  # int32 scalar: the schedule's length, as data (`make_train_step`)
 
 
 def token_losses(logits_BxLxV, targets_BxL):
@@ -80,9 +81,14 @@ def make_loss_fn(model: nn.Module, dropout: bool, last_only: bool = False):
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, seed: int, grad_accum_steps: int = 1,
-                    loss_fn: Callable | None = None):
+                    loss_fn: Callable | None = None, for_length: Callable | None = None):
   """step(state, batch) -> (state, metrics). With `grad_accum_steps` A > 1 the batch is split into
-  A micro-batches of B / A rows whose gradients are summed before one optimizer update."""
+  A micro-batches of B / A rows whose gradients are summed before one optimizer update.
+
+  With `for_length`, num_steps -> (optimizer, schedule), the step builds both from
+  `state.num_steps` (traced): the schedule's length is an input of the compiled step rather than
+  a constant in it, so runs that differ only in their length compile one program. `optimizer`
+  then only has to match their state's structure."""
   loss_fn = loss_fn or make_loss_fn(model, dropout=model.config.dropout > 0)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   base_rng = jax.random.key(seed)
@@ -110,10 +116,13 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       aux = dict(aux, layers=jax.tree.map(lambda x: x / grad_accum_steps, aux['layers']))
     weight = jnp.maximum(aux['weight'], 1e-6)  # a batch with nothing to learn moves nothing
     grads = jax.tree.map(lambda g: g / weight, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    optimizer_now, schedule_now = optimizer, schedule
+    if for_length is not None:
+      optimizer_now, schedule_now = for_length(state.num_steps)
+    updates, opt_state = optimizer_now.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {name: value / weight for name, value in aux['sums'].items()}
-    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule_now(state.step),
                    layers=aux['layers'])
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

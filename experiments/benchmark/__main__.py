@@ -7,8 +7,8 @@ the KV cache at a few context lengths. Prints a table and writes DIR/benchmark.j
 
 Timing practice: compile time is measured separately (`lower().compile()`); each figure is the
 median of `repeats` calls after a warm-up call (`train.perf.timed`), with device work synchronised
-before the clock is read. A train call is the training loop's own compiled call
-(`train.loop.sharded_multi_step`): `steps_per_call` steps as one `lax.scan`.
+before the clock is read. A train call is the training loop's own compiled call, built
+by the loop's builder (`train.loop.train_call`): `steps_per_call` steps as one `lax.scan`.
 
 The package's other commands: `python -m experiments.benchmark.moe` (an MoE against the dense
 model of its active size, trained) and `python -m experiments.benchmark.ssm` (Mamba against
@@ -53,18 +53,17 @@ def peak_memory_bytes(compiled) -> int:
 
 def bench_train(name: str, shape, steps_per_call: int, repeats: int, peak: float) -> dict:
   from model import LM, ModelConfig, training_flops_per_token
-  from train import mesh as mesh_lib, optim, perf, step as step_lib
-  from train.loop import init_state, sharded_multi_step
+  from train import mesh as mesh_lib, optim, perf
+  from train.loop import init_state, train_call
 
   cfg = ModelConfig.from_dict(shape.model)
   tc = _train_config(shape)
   model = LM(cfg)
   optimizer = optim.make_optimizer(tc)
   mesh = mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1, 'expert': 1})
-  state, shardings = init_state(model, optimizer, mesh, seed=0)
-  step = step_lib.make_train_step(model, optimizer, optim.learning_rate_schedule(tc), seed=0)
+  state, shardings = init_state(model, optimizer, mesh, seed=0, num_steps=tc.num_steps)
   steps_sharding = mesh_lib.batch_sharding(mesh, leading_axes=1)
-  multi = sharded_multi_step(step, mesh, shardings)  # the training loop's compiled call
+  multi = train_call(model, optimizer, tc, mesh, shardings)  # the training loop's own call
   tokens = np.random.default_rng(0).integers(
       0, cfg.vocab_size, (steps_per_call, shape.batch_size, shape.seq_len + 1), dtype=np.int32)
   batches = mesh_lib.put_batch({'inputs': tokens[..., :-1], 'targets': tokens[..., 1:]},
@@ -161,7 +160,7 @@ def format_table(result: dict) -> str:
   peaks = result['peak_flops_per_s']
   peaks = peaks if isinstance(peaks, dict) else {'': peaks}
   lines = [f'device: {result["device"]}',
-           'measured peak matmul: ' + ', '.join(f'{d} {p / 1e12:.3f} TFLOP/s'.strip()
+           'peak matmul (train.perf.peak): ' + ', '.join(f'{d} {p / 1e12:.3f} TFLOP/s'.strip()
                                                for d, p in peaks.items()), '',
            f'{"train":<14}{"dtype":>10}{"tokens/s":>12}{"MFU":>8}{"step ms":>10}'
            f'{"compile s":>11}{"peak MiB":>10}']

@@ -1,0 +1,165 @@
+"""Speed without changing what is computed: the schedule's length as data (one compile for runs
+that differ only in their length), a stable MFU denominator, and the benchmark timing the loop's
+own program."""
+
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from conftest import run_config
+from train import optim
+from train.loop import train_and_evaluate
+
+
+def optax_schedule(tc):
+  """The schedule as it was written before its length became data: optax's own schedules."""
+  warmup = min(tc.warmup_steps, tc.num_steps)
+  if tc.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.num_steps, warmup + 1),
+                                              end_value=tc.min_lr)
+  ramp = optax.linear_schedule(0.0, tc.lr, warmup)
+  decay = (optax.linear_schedule(tc.lr, tc.min_lr, max(tc.num_steps - warmup, 1))
+           if tc.schedule == 'linear' else optax.constant_schedule(tc.lr))
+  return optax.join_schedules([ramp, decay], [warmup])
+
+
+@pytest.mark.parametrize('schedule', ['cosine', 'linear', 'constant'])
+def test_schedule_with_a_traced_length_equals_optax(schedule):
+  for warmup, num_steps in [(10, 100), (0, 7), (20, 12)]:
+    check_schedule(schedule, warmup, num_steps)
+
+
+def check_schedule(schedule, warmup, num_steps):
+  """Eager, the values are optax's to the bit; compiled with the length traced, within an ulp of
+  optax's compiled with the length a constant (XLA turns a division by a constant into a
+  multiplication)."""
+  tc = ml_collections.ConfigDict(dict(lr=3e-3, min_lr=2e-4, warmup_steps=warmup,
+                                      num_steps=num_steps, schedule=schedule))
+  counts = jnp.arange(num_steps + 5)
+  np.testing.assert_array_equal(jax.vmap(optim.learning_rate_schedule(tc))(counts),
+                                optax_schedule(tc)(counts))
+  traced = jax.jit(lambda n: jax.vmap(optim.learning_rate_schedule(tc, n))(counts))(num_steps)
+  constant = jax.jit(lambda: optax_schedule(tc)(counts))()
+  np.testing.assert_allclose(traced, constant, rtol=3e-7, atol=0)
+
+
+def spy_on_train_call(monkeypatch):
+  """The calls of `train.loop.train_call`, the one builder of the train call, as they happen."""
+  from train import loop
+  calls, build = [], loop.train_call
+
+  def spy(model, *args, **kwargs):
+    calls.append(model.config)
+    return build(model, *args, **kwargs)
+  monkeypatch.setattr(loop, 'train_call', spy)
+  return calls
+
+
+def test_runs_differing_only_in_length_compile_the_train_step_once(tfds_dir, tmp_path, caplog,
+                                                                   monkeypatch):
+  """Two runs, 10 and 20 steps: one compile of the multi-step, and the second run's learning
+  rates follow its own (longer) schedule."""
+  from train import executables
+  executables.clear()  # an earlier test may have compiled this very program
+  built = spy_on_train_call(monkeypatch)
+  jax.config.update('jax_log_compiles', True)
+  try:
+    with caplog.at_level(logging.WARNING, logger='jax'):
+      rows = {}
+      for steps in (10, 20):
+        config = run_config(tfds_dir, train=dict(num_steps=steps, eval_every=0,
+                                                 checkpoint_every=0, log_every=1,
+                                                 eval_batch_size=512))
+        train_and_evaluate(config, str(tmp_path / f'run{steps}'))
+        rows[steps] = config
+  finally:
+    jax.config.update('jax_log_compiles', False)
+  compiles = [r.getMessage() for r in caplog.records
+              if 'Finished XLA compilation of jit(multi_step)' in r.getMessage()]
+  assert len(compiles) == 1, compiles
+  assert len(built) == 2  # each run built its call with the one builder
+  for steps, config in rows.items():
+    with open(tmp_path / f'run{steps}' / 'metrics.jsonl') as f:
+      lrs = [json.loads(line)['lr'] for line in f if '"lr"' in line]
+    expected = optax_schedule(config.train)(jnp.arange(steps))
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6, atol=0)  # float32 ulps
+
+
+class FakeDevice:
+  def __init__(self, platform, device_kind, process_index=0):
+    self.platform, self.device_kind, self.process_index = platform, device_kind, process_index
+
+
+def test_known_accelerators_read_their_published_peak_per_chip():
+  from train import perf
+  assert perf.known_peak('TPU v5 lite') == 197e12
+  assert perf.known_peak('TPU v5') == 459e12 and perf.known_peak('TPU v5p') == 459e12
+  assert perf.known_peak('NVIDIA H100 80GB HBM3') == 989e12
+  assert perf.known_peak('NVIDIA A100-SXM4-40GB') == 312e12
+  assert perf.known_peak('cpu') is None
+  flops, source = perf.peak('bfloat16', devices=[FakeDevice('tpu', 'TPU v6 lite')] * 8)
+  assert flops == 8 * 918e12 and 'published' in source
+  assert perf.peak('bfloat16', override=3e12, devices=[FakeDevice('tpu', 'TPU v4')])[0] == 3e12
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+  """The CPU peak measured into a cache under tmp_path: a list of the measurements taken."""
+  from train import perf
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  calls = []
+
+  def measure(dtype, repeats=5):
+    calls.append(dtype)
+    return 1e11 * len(calls)  # a different figure at every measurement
+  monkeypatch.setattr(perf, 'measure_peak_flops', measure)
+  return calls
+
+
+def test_a_cpu_peak_is_measured_once_per_machine_then_read_from_the_cache(measured, tmp_path):
+  from train import perf
+  cpu = [FakeDevice('cpu', 'cpu')]
+  first, source = perf.peak('float32', devices=cpu)
+  assert 'measured now' in source and measured == ['float32']
+  again, source = perf.peak('float32', devices=cpu)  # a resumed run, a second run
+  assert again == first == 1e11 and 'cached' in source and measured == ['float32']
+  with open(tmp_path / 'nexttoken' / 'peak_flops.json') as f:
+    assert list(json.load(f).values()) == [1e11]
+  perf.peak('bfloat16', devices=cpu)  # another dtype is another measurement
+  assert measured == ['float32', 'bfloat16']
+
+
+def test_simulated_cpu_devices_share_one_cpu_peak(measured):
+  from train import perf
+  one = perf.peak('float32', devices=[FakeDevice('cpu', 'cpu')])[0]
+  four = perf.peak('float32', devices=[FakeDevice('cpu', 'cpu')] * 4)[0]
+  assert four == one  # MFU must not fall 4x because one CPU is shown as four devices
+  two_hosts = [FakeDevice('cpu', 'cpu', i // 2) for i in range(4)]
+  assert perf.peak('float32', devices=two_hosts)[0] == 2 * one
+  # with the real device list too (one or several simulated devices: the same figure)
+  assert perf.peak('float32')[0] == one
+
+
+class Built(Exception):
+  """Raised once the builder has been called: what it builds need not be compiled here."""
+
+
+def test_the_benchmark_times_the_call_the_loop_builds(monkeypatch):
+  from train import loop
+  from test_benchmark import tiny_shape
+  import experiments.benchmark.__main__ as benchmark
+  built = []
+
+  def spy(model, optimizer, train_cfg, *args, **kwargs):
+    built.append((model.config.d_model, train_cfg.batch_size))
+    raise Built
+  monkeypatch.setattr(loop, 'train_call', spy)
+  with pytest.raises(Built):
+    benchmark.bench_train('tiny', tiny_shape(), steps_per_call=1, repeats=1, peak=1e11)
+  assert built == [(32, 2)]
