@@ -39,6 +39,13 @@ def sample_logits(logits_BxV, rng, sampling: Sampling):
   restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
   if sampling.temperature == 0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, filter_logits(logits_BxV, sampling),
+                                axis=-1).astype(jnp.int32)
+
+
+def filter_logits(logits_BxV, sampling: Sampling):
+  """The logits that temperature > 0 samples from (float32): divided by the temperature, -inf
+  outside the top_k tokens and outside the smallest set whose probability reaches top_p."""
   logits = logits_BxV.astype(jnp.float32) / sampling.temperature
   if sampling.top_k:
     kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
@@ -50,7 +57,7 @@ def sample_logits(logits_BxV, rng, sampling: Sampling):
     kept = jnp.where(before < sampling.top_p, sorted_desc, jnp.inf)
     threshold = jnp.min(kept, axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return logits
 
 
 def init_cache(model: LM, batch: int, length: int):
@@ -151,3 +158,11 @@ def generate_uncached(model: LM, params, prompt_BxT, rng, *, max_new_tokens: int
   i, tokens, _, done = jax.lax.while_loop(keep_going, step,
                                           (jnp.int32(0), tokens, rng, jnp.zeros((B,), bool)))
   return tokens, jnp.full((B,), i, jnp.int32)
+
+
+def __getattr__(name):
+  # `eval.decode.speculative_generate` lives in eval/speculative.py, which imports this module.
+  if name == 'speculative_generate':
+    from eval.speculative import speculative_generate
+    return speculative_generate
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
