@@ -38,15 +38,6 @@ flags.DEFINE_integer('num_draft', 4, 'With --draft_workdir: tokens the draft pro
 flags.mark_flag_as_required('workdir')
 
 
-def _same_tokenizer(workdir: str, other: str) -> bool:
-  """Whether two runs saved the same tokenizer (its files, byte for byte)."""
-  import filecmp
-  import os
-  a, b = f'{workdir}/tokenizer', f'{other}/tokenizer'
-  names = sorted(os.listdir(a))
-  return names == sorted(os.listdir(b)) and all(
-      filecmp.cmp(f'{a}/{n}', f'{b}/{n}', shallow=False) for n in names)
-
 
 def main(argv):
   del argv
@@ -55,7 +46,7 @@ def main(argv):
   import numpy as np
 
   from eval.decode import Sampling, generate
-  from eval.restore import load_run
+  from eval.restore import load_run, same_tokenizer
   from model.config import check_context
   from train.errors import quiet_libraries
   from train.chat import encode, unescape
@@ -67,7 +58,7 @@ def main(argv):
   draft = None
   if f.draft_workdir:
     draft = load_run(f.draft_workdir)
-    if not _same_tokenizer(f.workdir, f.draft_workdir):
+    if not same_tokenizer(f.workdir, f.draft_workdir):
       raise TokenizerError(f'the draft {f.draft_workdir} has another tokenizer than {f.workdir} '
                            f'({draft.tokenizer.kind}, {draft.tokenizer.vocab_size} tokens vs '
                            f'{run.tokenizer.kind}, {run.tokenizer.vocab_size}); speculative '
