@@ -4,6 +4,8 @@ Every layer keeps its own decoding state in the model's 'cache' collection: keys
 attention, (conv state, SSM state) for Mamba. `generate` compiles prefill plus a `lax.while_loop`
 of decode steps into one program; `generate_uncached` recomputes the whole sequence for every new
 token, the reference the cache must reproduce token for token (and the baseline it beats).
+`speculative_generate` (eval/speculative.py, importable from here) samples the same distribution
+with a small draft model proposing tokens for the target to verify.
 """
 
 from __future__ import annotations
