@@ -25,5 +25,5 @@ def get_config():
   c.draft = ConfigDict(dict(
       model=dict(d_model=64, num_heads=2, d_ff=172, pattern='attn'), num_steps=600))
   c.bench = ConfigDict(dict(num_draft=tuple(range(1, 9)), temperatures=(0.0, 1.0),
-                            max_new_tokens=256, repeats=3, prompt='ROMEO:', seed=0))
+                            max_new_tokens=256, repeats=5, prompt='ROMEO:', seed=0))
   return c

@@ -9,7 +9,8 @@ reused), unless --target and --draft name trained runs (same tokenizer). Then, a
 temperature of config.bench, times the target alone (eval.decode.generate, batch 1) and
 speculative decoding (eval.decode.speculative_generate) for every K of bench.num_draft, each
 generating bench.max_new_tokens tokens from the same prompt: medians of bench.repeats runs after
-compiling, all in one process, so the ratios compare like with like even on a loaded machine.
+compiling, with the target alone timed again beside each K (alternating with it), so that each
+speed-up is the ratio of two timings taken together, which a loaded machine's drift spares.
 
 Writes into the work directory:
   bench.jsonl        one row per (temperature, K or 'target'): seconds, tokens/s, drafted,
@@ -87,26 +88,33 @@ def measure(target_run, draft_run, bench, on_row) -> list[dict]:
     rng = jax.random.key(bench.seed)
     alone = jax.jit(lambda p, r, s=sampling: generate(
         target, p, prompt, r, max_new_tokens=bench.max_new_tokens, sampling=s)[0])
-    jax.block_until_ready(alone(target_run.params, rng))
-    seconds = _median_seconds(lambda: jax.block_until_ready(alone(target_run.params, rng)),
-                              bench.repeats)
-    base = dict(temperature=temperature, num_draft=0, seconds=seconds,
-                tokens_per_s=bench.max_new_tokens / seconds)
+    run_alone = lambda: jax.block_until_ready(alone(target_run.params, rng))
+    run_alone()
+    base = dict(temperature=temperature, num_draft=0,
+                seconds=_median_seconds(run_alone, bench.repeats))
+    base['tokens_per_s'] = bench.max_new_tokens / base['seconds']
     on_row(base)
     rows.append(base)
     for k in bench.num_draft:
       spec = jax.jit(lambda tp, dp, r, s=sampling, k=k: speculative_generate(
           target, tp, draft, dp, prompt, r, max_new_tokens=bench.max_new_tokens, num_draft=k,
           sampling=s))
-      _, _, drafted, accepted = jax.block_until_ready(
+      run_spec = lambda spec=spec: jax.block_until_ready(
           spec(target_run.params, draft_run.params, rng))
-      seconds = _median_seconds(lambda: jax.block_until_ready(
-          spec(target_run.params, draft_run.params, rng)), bench.repeats)
-      # Speed-up: against the target alone at this temperature, measured just before.
+      _, _, drafted, accepted = run_spec()
+      # The target alone is timed again beside each K, alternating with it: on a shared machine
+      # the load drifts, and the ratio of two timings taken together is what stays comparable.
+      alone_s, spec_s = [], []
+      for _ in range(bench.repeats):
+        alone_s.append(_median_seconds(run_alone, 1))
+        spec_s.append(_median_seconds(run_spec, 1))
+      seconds = sorted(spec_s)[len(spec_s) // 2]
+      alone_seconds = sorted(alone_s)[len(alone_s) // 2]
       row = dict(temperature=temperature, num_draft=k, seconds=seconds,
-                 tokens_per_s=bench.max_new_tokens / seconds, drafted=int(drafted),
-                 accepted=int(accepted), acceptance=int(accepted) / int(drafted),
-                 speedup=base['seconds'] / seconds)
+                 tokens_per_s=bench.max_new_tokens / seconds,
+                 target_alone_tokens_per_s=bench.max_new_tokens / alone_seconds,
+                 drafted=int(drafted), accepted=int(accepted),
+                 acceptance=int(accepted) / int(drafted), speedup=alone_seconds / seconds)
       rows.append(row)
       on_row(row)
   return rows
@@ -184,7 +192,8 @@ def main(argv):
       out.write(json.dumps(row) + '\n')
       out.flush()
       what = f'K={row["num_draft"]}' if row['num_draft'] else 'target alone'
-      extra = (f', acceptance {row["acceptance"]:.3f}' if row['num_draft'] else '')
+      extra = (f', acceptance {row["acceptance"]:.3f}, {row["speedup"]:.2f}x the target alone'
+               if row['num_draft'] else '')
       say(f'temperature {row["temperature"]}, {what}: {row["tokens_per_s"]:.1f} tokens/s{extra}')
     rows = measure(target_run, draft_run, config.bench, on_row)
   summary = summarize(rows, target_run, draft_run)
