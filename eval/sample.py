@@ -7,8 +7,8 @@ Temperature 0 is greedy and deterministic. With --chat (a post-trained run, whic
 template), the prompt is a user's message: the model reads it in the template and answers until
 its end of turn, and only the answer is printed. With --draft_workdir (a smaller run with the same
 tokenizer), samples are drawn by speculative decoding (eval/speculative.py), from the same
-distribution, and the acceptance rate and tokens/s are printed after them. --config is the run's own config, whose values
-`--config.x.y=...` overrides.
+distribution, and the acceptance rate and tokens/s are printed after them. --config is the run's
+own config, whose values `--config.x.y=...` overrides.
 """
 
 import sys
