@@ -4,6 +4,8 @@ Every layer keeps its own decoding state in the model's 'cache' collection: keys
 attention, (conv state, SSM state) for Mamba. `generate` compiles prefill plus a `lax.while_loop`
 of decode steps into one program; `generate_uncached` recomputes the whole sequence for every new
 token, the reference the cache must reproduce token for token (and the baseline it beats).
+`speculative_generate` (eval/speculative.py, importable from here) samples the same distribution
+with a small draft model proposing tokens for the target to verify.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def sample_logits(logits_BxV, rng, sampling: Sampling):
   restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
   if sampling.temperature == 0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, filter_logits(logits_BxV, sampling),
+                                axis=-1).astype(jnp.int32)
+
+
+def filter_logits(logits_BxV, sampling: Sampling):
+  """The logits that temperature > 0 samples from (float32): divided by the temperature, -inf
+  outside the top_k tokens and outside the smallest set whose probability reaches top_p."""
   logits = logits_BxV.astype(jnp.float32) / sampling.temperature
   if sampling.top_k:
     kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
@@ -50,7 +59,7 @@ def sample_logits(logits_BxV, rng, sampling: Sampling):
     kept = jnp.where(before < sampling.top_p, sorted_desc, jnp.inf)
     threshold = jnp.min(kept, axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return logits
 
 
 def init_cache(model: LM, batch: int, length: int):
@@ -151,3 +160,11 @@ def generate_uncached(model: LM, params, prompt_BxT, rng, *, max_new_tokens: int
   i, tokens, _, done = jax.lax.while_loop(keep_going, step,
                                           (jnp.int32(0), tokens, rng, jnp.zeros((B,), bool)))
   return tokens, jnp.full((B,), i, jnp.int32)
+
+
+def __getattr__(name):
+  # `eval.decode.speculative_generate` lives in eval/speculative.py, which imports this module.
+  if name == 'speculative_generate':
+    from eval.speculative import speculative_generate
+    return speculative_generate
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import filecmp
+import os
 
 from typing import Any
 
@@ -85,6 +87,15 @@ def load_run(workdir: str, step: int | None = None,
   return TrainedRun(config, model_cfg, model, tokenizer, layout.model_params(params, frozen),
                     step, mesh, frozen, ChatTemplate.load(f'{workdir}/tokenizer'), objective,
                     objective.head)
+
+
+def same_tokenizer(workdir: str, other: str) -> bool:
+  """Whether two runs saved the same tokenizer (its files, byte for byte): what a draft model
+  must share with its target (eval/speculative.py)."""
+  a, b = f'{workdir}/tokenizer', f'{other}/tokenizer'
+  names = sorted(os.listdir(a))
+  return names == sorted(os.listdir(b)) and all(
+      filecmp.cmp(f'{a}/{n}', f'{b}/{n}', shallow=False) for n in names)
 
 
 def _fits(mesh_cfg) -> bool:

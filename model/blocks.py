@@ -31,6 +31,10 @@ from model.layers import ACT_BLD, Norm
 # Collections that layers write besides 'params' and 'cache'.
 AUX_LOSS = 'aux_loss'   # scalars summed into the training loss (e.g. MoE load balancing)
 METRICS = 'metrics'     # per-layer diagnostics written to metrics.jsonl (e.g. expert shares)
+# A recurrent layer's decoding state after each position of a multi-token decode call, written
+# when the caller makes it mutable, position on the last axis: what lets speculative decoding
+# (eval/speculative.py) restore the state at any accepted length.
+CACHE_STEPS = 'cache_steps'
 
 
 @dataclasses.dataclass(frozen=True)

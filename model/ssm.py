@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.blocks import register_mixer
+from model.blocks import CACHE_STEPS, register_mixer
 from model.config import SCAN_IMPLS, ModelConfig
 from model.layers import compute_dtype, dense, output_std, param_init
 
@@ -105,6 +105,28 @@ def _sequential_scan(u, delta, A, B, C, h0_BxDinxN):
   time_major = lambda a: jnp.swapaxes(a, 0, 1)
   last, y_LxBxDin = jax.lax.scan(step, h0_BxDinxN, tuple(map(time_major, (u, delta, B, C))))
   return time_major(y_LxBxDin), last
+
+
+def scan_states(u, delta, A, B, h0_BxDinxN, delta_bias=None, delta_softplus=False):
+  """The state after every step, (batch, length, Din, N) in float32: the recurrence of
+  `_sequential_scan`, whose one step is the same float32 arithmetic as a one-token decoding step
+  (dA h + dBu), so the state kept for position t is the state one-token decoding holds there."""
+  f32 = lambda a: a.astype(jnp.float32)
+  u, delta, B = map(f32, (u, delta, B))
+  if delta_bias is not None:
+    delta = delta + f32(delta_bias)
+  if delta_softplus:
+    delta = jax.nn.softplus(delta)
+  dA, dBu = _discretise(u, delta, f32(A), B)
+
+  def step(h_BxDinxN, inputs):
+    dA_BxDinxN, dBu_BxDinxN = inputs
+    h_BxDinxN = dA_BxDinxN * h_BxDinxN + dBu_BxDinxN
+    return h_BxDinxN, h_BxDinxN
+
+  time_major = lambda a: jnp.swapaxes(a, 0, 1)
+  _, h_LxBxDinxN = jax.lax.scan(step, f32(h0_BxDinxN), (time_major(dA), time_major(dBu)))
+  return time_major(h_LxBxDinxN)
 
 
 def _combine(earlier, later):
@@ -270,6 +292,7 @@ class Mamba(nn.Module):
     x_BxLxDin = dense(cfg, Din, ('embed', 'ssm_inner'), 'in_x')(x_BxLxD)
     z_BxLxDin = dense(cfg, Din, ('embed', 'ssm_inner'), 'in_z')(x_BxLxD)
     x_BxLxDin = nn.with_logical_constraint(x_BxLxDin, ACT_BLDin)
+    conv_in_BxLxDin, history_in_BxWm1xDin = x_BxLxDin, history_BxWm1xDin
     x_BxLxDin, history_BxWm1xDin = CausalConv(cfg, name='conv')(x_BxLxDin, history_BxWm1xDin)
     x_BxLxDin = jax.nn.silu(x_BxLxDin)
 
@@ -287,5 +310,13 @@ class Mamba(nn.Module):
         impl=m.scan_impl, chunk=m.scan_chunk, initial_state=h0_BxDinxN)
     if self.decode and initialised:
       conv_state.value, ssm_state.value = history_BxWm1xDin, last_BxDinxN
+      if self.is_mutable_collection(CACHE_STEPS):  # the state after each position, kept last
+        L = x_BxLxD.shape[1]
+        full = jnp.concatenate([history_in_BxWm1xDin, conv_in_BxLxDin], axis=1)
+        conv_steps = jnp.stack([full[:, t + 1:t + W] for t in range(L)], axis=-1)
+        ssm_steps = scan_states(x_BxLxDin, delta_BxLxDin, -jnp.exp(A_log), B_BxLxN,
+                                h0_BxDinxN, delta_bias_Din, delta_softplus=True)
+        self.put_variable(CACHE_STEPS, 'conv_state', conv_steps)
+        self.put_variable(CACHE_STEPS, 'ssm_state', jnp.moveaxis(ssm_steps, 1, -1))
     y_BxLxDin = nn.with_logical_constraint(y_BxLxDin, ACT_BLDin)
     return dense(cfg, cfg.d_model, ('ssm_inner', 'embed'), 'out', std=output_std(cfg))(y_BxLxDin)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,6 +61,27 @@ def test_eval_per_position_past_the_training_length(trained):
   assert 'positions     64-127    loss' in out and '(beyond the trained length)' in out
 
 
+def test_sample_with_a_draft(trained, tmp_path):
+  """The run as its own draft: the greedy sample is the plain one and every draft is accepted;
+  a draft whose tokenizer differs is one clear error."""
+  plain = run('eval.sample', f'--workdir={trained}', '--prompt=ROMEO:', '--temperature=0',
+              '--max_new_tokens=24').stdout
+  out = run('eval.sample', f'--workdir={trained}', '--prompt=ROMEO:', '--temperature=0',
+            '--max_new_tokens=24', f'--draft_workdir={trained}', '--num_draft=3').stdout
+  sample, report = out.rstrip('\n').rsplit('\n', 1)
+  assert sample + '\n' == plain
+  assert 'acceptance 1.000' in report and 'tokens/s' in report
+  other = tmp_path / 'other'
+  shutil.copytree(trained, other)
+  meta = next(p for p in (other / 'tokenizer').iterdir() if p.suffix == '.json')
+  content = json.loads(meta.read_text())
+  content['chars'] = content['chars'][::-1]  # the same size, another vocabulary
+  meta.write_text(json.dumps(content))
+  bad = run('eval.sample', f'--workdir={trained}', f'--draft_workdir={other}', check=False)
+  assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+  assert 'has another tokenizer' in bad.stderr and 'Traceback' not in bad.stderr
+
+
 def test_bad_input_gets_one_clear_line(trained, tmp_path):
   cases = [
       (('train', f'--config={CONFIG}', f'--workdir={tmp_path}', '--config.model.widht=3'),
@@ -96,7 +118,7 @@ COMMANDS = ['train', 'eval', 'eval.sample', 'experiments.grokking', 'experiments
             'experiments.scaling', 'experiments.benchmark', 'experiments.benchmark.moe',
             'experiments.benchmark.ssm', 'experiments.benchmark.tpu', 'experiments.posttrain',
             'experiments.induction', 'eval.heads', 'eval.attention',
-            'experiments.extrapolation', 'experiments.needle']
+            'experiments.extrapolation', 'experiments.needle', 'experiments.speculative']
 
 
 def run_all(argvs):
