@@ -80,7 +80,8 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path):
 
 COMMANDS = ['train', 'eval', 'eval.sample', 'experiments.grokking', 'experiments.grokking.bench',
             'experiments.scaling', 'experiments.benchmark', 'experiments.benchmark.moe',
-            'experiments.benchmark.ssm', 'experiments.benchmark.tpu', 'experiments.posttrain']
+            'experiments.benchmark.ssm', 'experiments.benchmark.tpu', 'experiments.posttrain',
+            'experiments.recall']
 
 
 def run_all(argvs):

@@ -1,12 +1,17 @@
 """Recall tasks: the generators produce what they claim, the loss falls on the answers only, and an
 attention model with hand-set weights that implements lookup solves MQAR exactly."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+import experiments.recall.__main__ as recall_sweep
+from experiments.configs import recall as recall_config
 from experiments.recall import objective as recall_objective
 from experiments.recall import tasks
 from model import LM
@@ -145,3 +150,51 @@ def test_hand_set_attention_solves_mqar_exactly():
   # lookup finds the earlier key and copies the key, not its value: answers are chance at best.
   broken = jax.jit(jax.vmap(lambda x: lookup_model(x, vocab, shift=0)))(inputs)
   assert recall_objective.answer_metrics(broken, targets, weights)['correct'] < 0.1 * 20 * 8
+
+
+def tiny_sweep(tfds_dir):
+  c = recall_config.get_config()
+  c.task.update(vocab=16, num_train=64, num_test=16, tfds_data_dir=tfds_dir)
+  c.sweep.update(patterns=('attn*1', 'mamba*1'), widths=(16,), num_pairs=(2,), seq_lens=(16,))
+  c.train.update(num_steps=4, batch_size=8, warmup_steps=1, steps_per_call=4, log_every=4,
+                 checkpoint_every=4, eval_batch_size=16, peak_flops=1e11)
+  return c
+
+
+def test_sweep_shards_skips_and_summarizes(tfds_dir, tmp_path, capfd):
+  config, workdir = tiny_sweep(tfds_dir), str(tmp_path / 'sweep')
+  points = recall_sweep.grid(config)
+  assert [(p.pattern, p.d_model, p.num_pairs) for p in points] == [('attn*1', 16, 2),
+                                                                    ('mamba*1', 16, 2)]
+  assert points[1].config.task.num_pairs == 2 and points[1].config.data.seq_len == 16
+  config.sweep.num_pairs = (2, 3)  # a difficulty is (pairs, length): one point each
+  assert [p.name for p in recall_sweep.grid(config)] == [
+      'attnx1_d16_n2_l16', 'attnx1_d16_n3_l16', 'mambax1_d16_n2_l16', 'mambax1_d16_n3_l16']
+  config.sweep.num_pairs = (2,)
+  # Shard 1 of 2 runs the second point; the grid is incomplete, so no summary yet.
+  rows = recall_sweep.sweep(config, workdir, shard=(1, 2))
+  assert sorted(rows) == sorted(p.name for p in points[1::2])
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+  capfd.readouterr()
+  rows = recall_sweep.sweep(config, workdir)  # the whole grid: the finished runs are skipped
+  assert '2 runs in the grid, 2 in shard 0/1, 1 to run' in capfd.readouterr().err
+  attn, mamba = rows[points[0].name], rows[points[1].name]
+  assert attn['state_size'] == 0 and attn['params'] > 0 and attn['answers'] == 16 * 2
+  # Mamba's state: Din x N for the scan plus Din x (d_conv - 1) for the convolution.
+  m = config.model.mamba
+  assert mamba['state_size'] == 2 * 16 * m.d_state + 2 * 16 * (m.d_conv - 1)
+  summary = json.load(open(os.path.join(workdir, 'summary.json')))
+  entry = summary['patterns']['attn*1']['pairs2_len16']
+  assert entry['accuracy'] == {'16': attn['accuracy']}
+  assert entry['smallest_width'] == (16 if attn['accuracy'] >= 0.99 else None)
+  assert os.path.getsize(os.path.join(workdir, 'recall.png')) > 5_000
+  assert os.path.exists(os.path.join(workdir, 'state.png'))
+
+
+def test_summary_takes_the_smallest_width_that_reaches_the_target():
+  runs = [dict(pattern='p', num_pairs=4, seq_len=64, d_model=d, accuracy=a, wall_s=1.0)
+          for d, a in ((64, 1.0), (16, 0.5), (32, 0.995))]
+  summary = recall_sweep.summarize(runs, 0.99)
+  assert summary['patterns']['p']['pairs4_len64']['smallest_width'] == 32
+  assert recall_sweep.summarize(runs[1:2], 0.99)['patterns']['p']['pairs4_len64'][
+      'smallest_width'] is None
