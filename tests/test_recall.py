@@ -82,7 +82,7 @@ def test_loss_falls_on_answer_positions_only():
   batch = as_lm_batch({'tokens': tokens, 'weights': answers.astype(np.float32),
                        'valid': np.ones(4, np.float32)})
   model = LM(tiny(vocab_size=32))
-  params = model.init(jax.random.key(0), batch['inputs'])['params']
+  params = jax.jit(model.init)(jax.random.key(0), batch['inputs'])['params']
   loss_fn = jax.jit(recall_objective.Recall(None).loss_fn(model))
 
   def loss(targets):
@@ -102,7 +102,7 @@ def test_loss_falls_on_answer_positions_only():
   changed[r, c] = (changed[r, c] + 5) % 32
   assert loss(changed)[0] != base
   # The evaluation's loss is the same sum, and it counts the answers predicted exactly.
-  logits = model.apply({'params': params}, batch['inputs'])
+  logits = jax.jit(model.apply)({'params': params}, batch['inputs'])
   metrics = recall_objective.answer_metrics(logits, batch['targets'], batch['weights'])
   assert metrics['weight'] == weight and np.isclose(metrics['loss'], base, rtol=1e-5)
   hits = (np.argmax(logits, -1) == batch['targets'])[batch['weights'] > 0].sum()
