@@ -59,6 +59,7 @@ def grid(config) -> list[Point]:
   """Every pattern x width x (num_pairs, seq_len), in that order; each run's config is the
   sweep's less the grid, with the model and task fields the point sets."""
   import ml_collections
+  from experiments.recall import tasks
   from model import ConfigError
   sweep = config.sweep
   points = []
@@ -76,6 +77,9 @@ def grid(config) -> list[Point]:
           c.task.update(seq_len=seq_len, **{'num_pairs' if c.task.name == 'mqar'
                                             else 'num_tokens': num_pairs})
           c.data.seq_len = seq_len
+          t = c.task  # checked here, before the first run starts
+          tasks.check_task(t.name, t.vocab, seq_len, tasks.num_items(t),
+                           t.num_queries or tasks.num_items(t))
           points.append(Point(run_name(pattern, d_model, num_pairs, seq_len), pattern, d_model,
                               num_pairs, seq_len, c))
   return points
