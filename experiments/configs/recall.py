@@ -2,7 +2,7 @@
 
   python -m experiments.recall --workdir=runs/recall [--shard=i/n]
   python -m experiments.recall --workdir=runs/recall_sc --config.task.name=selective_copy
-  python -m experiments.recall --workdir=runs/recall_m2 --config.sweep.patterns='mamba2*2'
+  python -m experiments.recall --workdir=runs/recall_m2 --config.sweep.patterns="('mamba2*2',)"
 
 Two-layer models (attention, Mamba, and a Mamba-then-attention hybrid) at d_model 16..64 learn
 multi-query associative recall with 2, 4 and 8 key-value pairs in rows of 32 tokens (vocabulary

@@ -2,7 +2,7 @@
 difficulties, in the style of Zoology's figure (Arora et al. 2023).
 
   python -m experiments.recall --workdir=DIR [--config=experiments/configs/recall.py] [--shard=i/n]
-  python -m experiments.recall --workdir=DIR --config.sweep.patterns='attn*2,mamba2*2'
+  python -m experiments.recall --workdir=DIR --config.sweep.patterns="('attn*2','mamba2*2')"
   python -m experiments.recall --workdir=DIR --analyze_only      # summary and plots again
 
 The grid is every block pattern of `sweep.patterns` x every width of `sweep.widths` x every
