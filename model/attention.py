@@ -6,6 +6,11 @@
 bfloat16). `attention_window` W > 0 makes it sliding-window attention: each token sees itself and
 the W - 1 tokens before it. In decode mode, keys and values go to a cache of fixed length S in the 'cache'
 collection; each call writes its T new entries at the cache index and attends over the cache.
+
+Attention weights are captured on request: applied with `mutable=['intermediates']`, each layer
+computes its softmax explicitly and sows it as 'attention_weights', (B, H, L, S) in float32
+(model/capture.py collects them). Otherwise the probabilities are never materialised by this
+module: the fused `dot_product_attention` runs, and training pays nothing for the option.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from model import positions
 from model.blocks import register_mixer
 from model.config import ModelConfig
 from model.layers import ACT_BLHD, dense, head_rmsnorm, output_std
+
+CAPTURE = 'intermediates'  # the collection that, when mutable, makes each layer sow its weights
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -46,8 +53,9 @@ class Attention(nn.Module):
       q_BxLxHxDh = head_rmsnorm(cfg, 'query_norm')(q_BxLxHxDh)
       k_BxLxKxDh = head_rmsnorm(cfg, 'key_norm')(k_BxLxKxDh)
     if cfg.position == 'rope':
-      q_BxLxHxDh = positions.rope(q_BxLxHxDh, positions_BxL, cfg.rope_base)
-      k_BxLxKxDh = positions.rope(k_BxLxKxDh, positions_BxL, cfg.rope_base)
+      scaling = (cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_len)
+      q_BxLxHxDh = positions.rope(q_BxLxHxDh, positions_BxL, *scaling)
+      k_BxLxKxDh = positions.rope(k_BxLxKxDh, positions_BxL, *scaling)
     q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ACT_BLHD)
 
     q_pos_BxL = k_pos_BxS = positions_BxL
@@ -64,12 +72,35 @@ class Attention(nn.Module):
     if cfg.position == 'alibi':  # float32 whatever the compute dtype: bfloat16 has 8 bits of
       # mantissa, so distances past 256 would share one bias
       bias = positions.alibi_bias(q_pos_BxL, k_pos_BxS, H)
-    out_BxLxHxDh = jax.nn.dot_product_attention(
-        q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias=bias, mask=mask, is_causal=mask is None,
-        local_window_size=(window - 1, 0) if window and mask is None else None,
-        implementation=cfg.attention_impl)
+    if self.is_mutable_collection(CAPTURE):
+      out_BxLxHxDh = self._explicit(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias, q_pos_BxL,
+                                    k_pos_BxS, window)
+    else:
+      out_BxLxHxDh = jax.nn.dot_product_attention(
+          q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias=bias, mask=mask, is_causal=mask is None,
+          local_window_size=(window - 1, 0) if window and mask is None else None,
+          implementation=cfg.attention_impl)
     return dense(cfg, cfg.d_model, ('heads', 'kv', 'embed'), 'out', std=output_std(cfg),
                  in_axis=(-2, -1))(out_BxLxHxDh)
+
+  def _explicit(self, q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, bias, q_pos_BxL, k_pos_BxS, window):
+    """The attention `dot_product_attention` computes, with its probabilities written out and
+    sown: the mask from the positions (causal, and the window when there is one), query head h
+    reading kv head h // (H / K) as jax's grouped-query attention does, softmax in float32."""
+    H, K = q_BxLxHxDh.shape[2], k_BxSxKxDh.shape[2]
+    k_BxSxHxDh = jnp.repeat(k_BxSxKxDh, H // K, axis=2)
+    v_BxSxHxDh = jnp.repeat(v_BxSxKxDh, H // K, axis=2)
+    scores_BxHxLxS = jnp.einsum('blhd,bshd->bhls', q_BxLxHxDh, k_BxSxHxDh,
+                                preferred_element_type=jnp.float32) / jnp.sqrt(
+                                    jnp.float32(q_BxLxHxDh.shape[-1]))
+    if bias is not None:
+      scores_BxHxLxS = scores_BxHxLxS + bias
+    offset_BxLxS = q_pos_BxL[:, :, None] - k_pos_BxS[:, None, :]
+    mask_BxLxS = (offset_BxLxS >= 0) & (offset_BxLxS < (window or offset_BxLxS.shape[-1] + 1))
+    scores_BxHxLxS = jnp.where(mask_BxLxS[:, None], scores_BxHxLxS, -jnp.inf)
+    probs_BxHxLxS = jax.nn.softmax(scores_BxHxLxS, axis=-1)
+    self.sow(CAPTURE, 'attention_weights', probs_BxHxLxS)
+    return jnp.einsum('bhls,bshd->blhd', probs_BxHxLxS.astype(v_BxSxHxDh.dtype), v_BxSxHxDh)
 
   def _update_cache(self, k_BxTxKxDh, v_BxTxKxDh):
     """Writes T new keys and values at the cache index; returns the whole cache (S slots), the

@@ -15,6 +15,7 @@ import math
 from typing import Any, Mapping
 
 POSITIONS = ('learned', 'sinusoidal', 'rope', 'alibi', 'none')
+ROPE_SCALINGS = ('none', 'linear', 'ntk', 'yarn')  # model/positions.py
 NORMS = ('rmsnorm', 'layernorm', 'none')
 ACTIVATIONS = ('gelu', 'relu', 'swiglu')
 DTYPES = ('float32', 'bfloat16')
@@ -59,6 +60,23 @@ class MambaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+  """Mamba-2 SSD mixer (used by pattern entries `mamba2...`); defaults are the paper's."""
+  d_state: int = 128            # N
+  head_dim: int = 64            # P; H = expand * D / P heads
+  expand: int = 2               # Din = expand * D
+  n_groups: int = 1             # G groups of B and C, shared by H / G heads each
+  d_conv: int = 4               # causal depthwise conv width (over x, B and C)
+  chunk_size: int = 256         # SSD's chunk: quadratic within, recurrent across
+  dt_min: float = 0.001
+  dt_max: float = 0.1
+  dt_init_floor: float = 1e-4
+  a_init_min: float = 1.0       # A = -a, a drawn uniform in [a_init_min, a_init_max] per head
+  a_init_max: float = 16.0
+  conv_bias: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A decoder-only language model: a block pattern plus the choices every block shares."""
   vocab_size: int = 256
@@ -70,6 +88,12 @@ class ModelConfig:
   pattern: str = 'attn*4'          # see model.blocks.parse_pattern
   position: str = 'rope'
   rope_base: float = 10000.0
+  # Stretching RoPE past the context it was trained at (model/positions.py: rope_frequencies):
+  # none | linear (position interpolation) | ntk (NTK-aware base) | yarn, by rope_factor for a
+  # model trained at rope_original_len tokens (YaRN's ramp reads it). Factor 1 is the identity.
+  rope_scaling: str = 'none'
+  rope_factor: float = 1.0
+  rope_original_len: int = 0
   max_len: int = 1024              # size of the learned position table; longest context it serves
   norm: str = 'rmsnorm'
   norm_eps: float = 1e-5
@@ -86,6 +110,7 @@ class ModelConfig:
   remat: str = 'none'              # rematerialisation policy per layer
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
   mamba: MambaConfig = dataclasses.field(default_factory=MambaConfig)
+  mamba2: Mamba2Config = dataclasses.field(default_factory=Mamba2Config)
 
   def __post_init__(self):
     _validate(self)
@@ -108,6 +133,10 @@ class ModelConfig:
     return self.mamba.dt_rank or math.ceil(self.d_model / 16)
 
   @property
+  def mamba2_heads(self) -> int:
+    return self.mamba2.expand * self.d_model // self.mamba2.head_dim
+
+  @property
   def layers(self) -> tuple[tuple[str, str], ...]:
     """The pattern as one (mixer, feed-forward) pair per layer."""
     from model import blocks  # the registry lives with the stack
@@ -121,7 +150,7 @@ class ModelConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> 'ModelConfig':
     """Builds from a ConfigDict's `model` section (or any mapping); unknown keys are errors."""
     d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
-    sub = {'moe': MoEConfig, 'mamba': MambaConfig}
+    sub = {'moe': MoEConfig, 'mamba': MambaConfig, 'mamba2': Mamba2Config}
     for key, sub_cls in sub.items():
       if key in d and not isinstance(d[key], sub_cls):
         d[key] = _build(sub_cls, d[key] or {}, prefix=f'model.{key}.')
@@ -154,7 +183,8 @@ def _choice(field: str, value: str, choices: tuple[str, ...]):
 
 
 def _validate(c: ModelConfig):
-  for field, choices in (('position', POSITIONS), ('norm', NORMS), ('activation', ACTIVATIONS),
+  for field, choices in (('position', POSITIONS), ('rope_scaling', ROPE_SCALINGS), ('norm', NORMS),
+                         ('activation', ACTIVATIONS),
                          ('dtype', DTYPES), ('attention_impl', ATTENTION_IMPLS),
                          ('remat', REMAT_POLICIES)):
     _choice(field, getattr(c, field), choices)
@@ -174,6 +204,17 @@ def _validate(c: ModelConfig):
   if c.position == 'rope':
     _require(c.dh % 2 == 0, f'model.position=rope needs an even head width, got head width {c.dh} '
              f'(d_model / num_heads or model.head_dim); change the head width or the position')
+  _require(c.rope_scaling != 'none' or c.rope_factor == 1.0,
+           f'model.rope_factor={c.rope_factor} does nothing with model.rope_scaling=none; choose '
+           f'one of {list(ROPE_SCALINGS[1:])}')
+  if c.rope_scaling != 'none':
+    _require(c.position == 'rope', f'model.rope_scaling={c.rope_scaling!r} stretches RoPE, but '
+             f'model.position={c.position!r}; set model.rope_scaling=none or use position=rope')
+    _require(c.rope_factor >= 1.0, f'model.rope_factor must be >= 1 (the new context over the '
+             f'original one), got {c.rope_factor}')
+    _require(c.rope_scaling != 'yarn' or c.rope_original_len > 0,
+             f'model.rope_scaling=yarn needs model.rope_original_len, the context the model was '
+             f'trained at (its data.seq_len), got {c.rope_original_len}')
   layers = c.layers  # parses the pattern; unknown entries raise here
   moe = c.moe
   if any(ffn == 'moe' for _, ffn in layers):
@@ -201,6 +242,28 @@ def _validate(c: ModelConfig):
              f'for ceil(d_model / 16)), got {m.dt_rank}')
     _require(m.dt_init_floor > 0, f'model.mamba.dt_init_floor must be positive, got '
              f'{m.dt_init_floor}')
+  if any(mixer == 'mamba2' for mixer, _ in layers):
+    _validate_mamba2(c)
+
+
+def _validate_mamba2(c: ModelConfig):
+  m = c.mamba2
+  for field in ('d_state', 'head_dim', 'expand', 'n_groups', 'd_conv', 'chunk_size'):
+    _require(getattr(m, field) > 0, f'model.mamba2.{field} must be positive, got '
+             f'{getattr(m, field)}')
+  d_inner = m.expand * c.d_model
+  _require(d_inner % m.head_dim == 0,
+           f'model.mamba2.expand * model.d_model = {d_inner} is not divisible by '
+           f'model.mamba2.head_dim={m.head_dim}; pick a head width dividing the inner width')
+  _require(c.mamba2_heads % m.n_groups == 0,
+           f'model.mamba2.n_groups={m.n_groups} does not divide the {c.mamba2_heads} heads '
+           f'(expand * d_model / head_dim)')
+  _require(0 < m.dt_min <= m.dt_max, f'need 0 < model.mamba2.dt_min <= model.mamba2.dt_max, '
+           f'got {m.dt_min}, {m.dt_max}')
+  _require(m.dt_init_floor > 0, f'model.mamba2.dt_init_floor must be positive, got '
+           f'{m.dt_init_floor}')
+  _require(0 < m.a_init_min <= m.a_init_max, f'need 0 < model.mamba2.a_init_min <= '
+           f'model.mamba2.a_init_max, got {m.a_init_min}, {m.a_init_max}')
 
 
 def check_context(c: ModelConfig, length: int, what: str = 'the sequence length'):

@@ -65,3 +65,5 @@ def test_catalog_shapes_match_their_comments():
     assert counts[moe].active_non_embedding == pytest.approx(n, rel=0.01)
     assert counts[moe].non_embedding > 2.5 * n
     assert counts[mamba].non_embedding == pytest.approx(n, rel=0.2)
+  assert counts['mamba2_cpu'].non_embedding == pytest.approx(counts['mamba_cpu'].non_embedding,
+                                                             rel=0.01)

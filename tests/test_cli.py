@@ -49,6 +49,17 @@ def test_train_eval_sample(trained):
   assert sampled.count('ROMEO:') == 2
 
 
+def test_eval_per_position_past_the_training_length(trained):
+  """Loss by position at 2x the training length (64), RoPE stretched by YaRN: read whole, with
+  the mean over the trained positions beside the mean past them."""
+  out = run('eval', f'--workdir={trained}', '--per_position', '--seq_len=128', '--bucket=64',
+            '--config.model.rope_scaling=yarn', '--config.model.rope_factor=2').stdout
+  result = json.load(open(os.path.join(trained, 'eval_per_position.json')))
+  assert result['seq_len'] == 128 and len(result['loss_by_position']) == 128
+  assert result['rope_scaling'] == 'yarn' and len(result['buckets']) == 2
+  assert 'positions     64-127    loss' in out and '(beyond the trained length)' in out
+
+
 def test_bad_input_gets_one_clear_line(trained, tmp_path):
   cases = [
       (('train', f'--config={CONFIG}', f'--workdir={tmp_path}', '--config.model.widht=3'),
@@ -69,6 +80,9 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path):
         '--config.train.grad_accum_steps=5'),
        'train.grad_accum_steps=5 does not divide train.batch_size=12'),
       (('eval', f'--workdir={tmp_path}/empty'), 'holds no run'),
+      (('eval', f'--workdir={trained}', '--per_position', '--config.model.position=learned',
+        '--config.model.max_len=64', '--seq_len=65'),
+       'the evaluation length --seq_len (65) is longer than the learned position table'),
   ]
   for args, message in cases:
     result = run(*args, check=False)
@@ -81,6 +95,8 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path):
 COMMANDS = ['train', 'eval', 'eval.sample', 'experiments.grokking', 'experiments.grokking.bench',
             'experiments.scaling', 'experiments.benchmark', 'experiments.benchmark.moe',
             'experiments.benchmark.ssm', 'experiments.benchmark.tpu', 'experiments.posttrain',
+            'experiments.induction', 'eval.heads', 'eval.attention',
+            'experiments.extrapolation', 'experiments.needle',
             'experiments.recall']
 
 

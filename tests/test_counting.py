@@ -47,3 +47,24 @@ def test_training_flops_per_token_by_hand():
   # A window of 4 scores 4 keys, not 16: 12 x 4 x 4 x 8 = 1,536.
   assert training_flops_per_token(tiny(pattern='attn*1', attention_window=4), 16) == 75_264
   assert training_flops_per_token(tiny(pattern='attn*1', attention_window=64), 16) == 79_872
+
+
+def test_mamba2_param_count_and_flops_by_hand():
+  # mamba2*1, D 32, Din 64 = 8 heads of P 8 in G 2 groups, N 16, conv 4, chunks of 16.
+  # in_z, in_x 2 x 32 x 64 = 4,096; in_B, in_C 2 x 32 x 2 x 16 = 2,048; in_dt 32 x 8 = 256;
+  # conv over x, B, C (64 + 64 channels) with biases 5 x 128 = 640; dt_bias, A_log, D 3 x 8 = 24;
+  # the gated norm's scale 64; out 64 x 32 = 2,048; the block's norm 32: 9,208 per layer, and the
+  # final norm 32: N = 9,240. Embedding 61 x 32 = 1,952.
+  from model.config import Mamba2Config
+  cfg = tiny(pattern='mamba2*1', mamba2=Mamba2Config(head_dim=8, d_state=16, n_groups=2,
+                                                      chunk_size=16))
+  counts = count_params(cfg)
+  assert (counts.embedding, counts.non_embedding) == (1_952, 9_240)
+  params = LM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  assert counts.total == sum(np.size(x) for x in jax.tree.leaves(params))
+  # 6 x (9,240 + 1,952) = 67,152, plus SSD's products per token, x 3 for training, with chunks
+  # of c = min(16, L): C.B 2 c G N, scores x Δx 2 c H P, chunk state and state readout 4 H P N.
+  # L 16: 3 x (1,024 + 2,048 + 4,096) = 21,504. L 8: 3 x (512 + 1,024 + 4,096) = 16,896.
+  assert training_flops_per_token(cfg, 16) == 67_152 + 21_504
+  assert training_flops_per_token(cfg, 8) == 67_152 + 16_896
+  assert training_flops_per_token(cfg, 64) == 67_152 + 21_504     # the chunk stays 16

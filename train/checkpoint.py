@@ -159,8 +159,8 @@ def params_metadata(workdir: str, step: int) -> dict:
   """{path: (shape, dtype)} of the parameters saved at `step`, from the checkpoint's metadata."""
   from flax import traverse_util
   with quietly():
-    metadata = ocp.StandardCheckpointer().metadata(
-        os.path.join(workdir, 'checkpoints', str(step), 'params')).item_metadata
+    metadata = ocp.StandardCheckpointer().metadata(  # orbax reads no metadata from a relative path
+        os.path.abspath(os.path.join(workdir, 'checkpoints', str(step), 'params'))).item_metadata
   return {path: (m.shape, m.dtype)
           for path, m in traverse_util.flatten_dict(dict(metadata)).items()}
 

@@ -41,6 +41,9 @@ RULES = (
     ('ssm_state', None),
     ('ssm_rank', None),
     ('conv', None),
+    ('ssm_heads', 'tensor'),
+    ('ssm_head_dim', None),
+    ('ssm_groups', None),
     ('activation_batch', BATCH_AXES),
     ('activation_length', None),
     ('activation_embed', None),
@@ -60,6 +63,8 @@ _FIXES = {
     'mlp': 'make the feed-forward width (model.d_ff, or model.moe.d_ff) a multiple of {n}',
     'exp': 'make model.moe.num_experts a multiple of {n}',
     'ssm_inner': 'make model.mamba.expand * model.d_model a multiple of {n}',
+    'ssm_heads': 'make the Mamba-2 heads (model.mamba2.expand * model.d_model / '
+                 'model.mamba2.head_dim) a multiple of {n}',
 }
 
 

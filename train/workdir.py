@@ -27,10 +27,14 @@ LOCK_FILE = 'lock'
 # Model fields a resumed run may change: they do not change the parameter tree.
 RESUMABLE_MODEL_FIELDS = {'dropout', 'attention_impl', 'attention_window', 'remat', 'dtype',
                           'init_std',
+                          # RoPE stretched to a longer context: fine-tuning a shorter run
+                          'rope_scaling', 'rope_factor', 'rope_original_len',
                           'moe.capacity_factor', 'moe.renormalize', 'moe.aux_loss_weight',
                           'moe.z_loss_weight',
                           'mamba.scan_impl', 'mamba.scan_chunk', 'mamba.dt_min', 'mamba.dt_max',
-                          'mamba.dt_init_floor'}
+                          'mamba.dt_init_floor',
+                          'mamba2.chunk_size', 'mamba2.dt_min', 'mamba2.dt_max',
+                          'mamba2.dt_init_floor', 'mamba2.a_init_min', 'mamba2.a_init_max'}
 # Fields that change which tokens the training iterator yields at a given step (or the tokenizer
 # that makes them): a resumed run would train on other data than its checkpoint's data position
 # refers to.

@@ -1,8 +1,8 @@
 """python -m experiments.benchmark.ssm --workdir=DIR [--config=experiments/configs/ssm_benchmark.py]
 
-Forward+backward time of one block of each of `config.mixers` (Mamba and attention by default) at
-the same width as the sequence length doubles: a recurrent block's time grows linearly,
-attention's quadratically.
+Forward+backward time of one block of each of `config.mixers` (Mamba, Mamba-2 and attention by
+default) at the same width as the sequence length doubles: a recurrent block's time grows
+linearly, attention's quadratically.
 
 Each block is `model.blocks.Block` with no feed-forward (pre-norm, mixer, residual), built from
 `config.model`. Times are medians of `train.perf.timed` over jitted gradients with respect to the

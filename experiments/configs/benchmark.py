@@ -30,6 +30,11 @@ def _model(base_shape: dict, moe_d_ff: int = 0, **overrides) -> ConfigDict:
   return m
 
 
+def _mamba2(model: ConfigDict, **mamba2) -> ConfigDict:
+  model.mamba2.update(mamba2)
+  return model
+
+
 def _shape(model: ConfigDict, batch: int, seq_len: int, contexts=()) -> ConfigDict:
   """Decoding times 128 new tokens after a prompt of context - 128, for each context."""
   return ConfigDict(dict(model=model, batch_size=batch, seq_len=seq_len,
@@ -39,7 +44,7 @@ def _shape(model: ConfigDict, batch: int, seq_len: int, contexts=()) -> ConfigDi
 def get_config() -> ConfigDict:
   c = ConfigDict()
   c.shapes = ''             # comma-separated names; '' runs the set for this device's platform
-  c.cpu = 'nanogpt_cpu,moe_cpu,mamba_cpu'
+  c.cpu = 'nanogpt_cpu,moe_cpu,mamba_cpu,mamba2_cpu'
   c.accelerator = 'gpt2_small,moe_gpt2_small,mamba_gpt2_small'
   c.steps_per_call = 10     # train steps per compiled call, as train.steps_per_call
   c.repeats = 5             # timed calls; the median is reported
@@ -53,6 +58,10 @@ def get_config() -> ConfigDict:
       # Decoding at 256 only: the uncached baseline's sequential scans take minutes at 1024.
       mamba_cpu=_shape(_model(_NANOGPT, pattern='mamba*8'), batch=12, seq_len=64,
                        contexts=(256,)),
+      # Mamba-2 at mamba_cpu's width and depth: 4 heads of 64, N = 64, one chunk of 64 per
+      # sequence (docs/mamba2.md).
+      mamba2_cpu=_shape(_mamba2(_model(_NANOGPT, pattern='mamba2*8'), d_state=64), batch=12,
+                        seq_len=64, contexts=(256,)),
       gpt2_small=_shape(_model(_GPT2_SMALL), batch=16, seq_len=1024, contexts=(1024,)),
       moe_gpt2_small=_shape(_model(_GPT2_SMALL, moe_d_ff=1024, pattern='attn:moe*12'),
                             batch=16, seq_len=1024),

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from model.blocks import AUX_LOSS, METRICS
 from train import step as step_lib
-from train.objectives.preferences import PreferenceObjective, both_sides, halves
+from train.objectives.preferences import PreferenceObjective, both_sides, halves, pair_loss
 
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float,
@@ -66,10 +66,7 @@ class DPO(PreferenceObjective):
 
     def loss_fn(params, batch, rng, frozen):
       sums, cols = self._sums(model, params, frozen, batch, rng, dropout)
-      pairs = jnp.sum(batch['valid'])
-      sums['aux_loss'] = step_lib.aux_loss_sum(cols) * pairs
-      return sums['loss'] + sums['aux_loss'], {'weight': pairs, 'sums': sums,
-                                               'layers': cols.get(METRICS, {})}
+      return pair_loss(sums, cols, batch['valid'])
     return loss_fn
 
   def eval_fn(self, model):

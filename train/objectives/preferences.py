@@ -8,10 +8,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from train import chat
+from model.blocks import METRICS
+from train import chat, step as step_lib
 from train.objectives.base import (Data, Examples, Objective, check_cut, example_dataset,
                                    example_eval_batches, num_example_batches, pad)
-from train.objectives.sft import conversation_setup, save_conversation_setup, split_examples
+from train.objectives.sft import conversation_data, save_conversation_setup
 from train.progress import bar
 
 SIDES = ('chosen', 'rejected')
@@ -31,12 +32,7 @@ class PreferenceObjective(Objective):
     return 2 * self.config.data.seq_len  # a chosen and a rejected sequence
 
   def data(self, workdir: str, start) -> Data:
-    records = chat.read_jsonl(self.config.data.path, chat.parse_preference)
-    train, validation = split_examples(records, self.config.data.val_fraction,
-                                       self.config.train.seed)
-    tokenizer, template, new = conversation_setup(self.config, workdir, start, train)
-    return Data(tokenizer, self.encode(tokenizer, template, train, 'train'),
-                self.encode(tokenizer, template, validation, 'validation'), template, new)
+    return conversation_data(self, workdir, start, chat.parse_preference)
 
   def encode(self, tokenizer, template, records, split: str) -> Examples:
     length = self.config.data.seq_len + 1
@@ -94,3 +90,12 @@ def halves(x):
   """(chosen, rejected) halves of a (2B, ...) array."""
   half = x.shape[0] // 2
   return x[:half], x[half:]
+
+
+def pair_loss(sums: dict, cols: dict, valid) -> tuple:
+  """The step's (loss, aux) contract (train/step.py) for a batch of pairs: the objective's sums
+  plus the model's auxiliary losses (MoE), weighted by the number of valid pairs."""
+  pairs = jnp.sum(valid)
+  sums['aux_loss'] = step_lib.aux_loss_sum(cols) * pairs
+  return sums['loss'] + sums['aux_loss'], {'weight': pairs, 'sums': sums,
+                                           'layers': cols.get(METRICS, {})}

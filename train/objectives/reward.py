@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from model.blocks import AUX_LOSS, METRICS
-from train import step as step_lib
-from train.objectives.preferences import PreferenceObjective, both_sides, halves
+from train.objectives.preferences import PreferenceObjective, both_sides, halves, pair_loss
 
 
 def bradley_terry_loss(chosen, rejected):
@@ -51,11 +50,7 @@ class RewardModel(PreferenceObjective):
     def loss_fn(params, batch, rng, frozen=None):
       del frozen
       chosen, rejected, cols = answer_scores(model, params, batch, rng, dropout)
-      sums = pair_sums(chosen, rejected, batch['valid'])
-      pairs = jnp.sum(batch['valid'])
-      sums['aux_loss'] = step_lib.aux_loss_sum(cols) * pairs
-      return sums['loss'] + sums['aux_loss'], {'weight': pairs, 'sums': sums,
-                                               'layers': cols.get(METRICS, {})}
+      return pair_loss(pair_sums(chosen, rejected, batch['valid']), cols, batch['valid'])
     return loss_fn
 
   def eval_fn(self, model):

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ConfigError
-from train import chat, mesh as mesh_lib, rewards as rewards_lib, step as step_lib
+from train import chat, rewards as rewards_lib, step as step_lib
 from train.objectives.base import Data, Examples, Objective, example_dataset
-from train.objectives.sft import conversation_setup, save_conversation_setup, split_examples
+from train.objectives.sft import conversation_data, save_conversation_setup
 from train.progress import bar
 
 
@@ -120,14 +120,10 @@ class OnPolicy(Objective):
   # -- data: prompts ---------------------------------------------------------------------------
 
   def data(self, workdir: str, start) -> Data:
-    records = chat.read_jsonl(self.config.data.path, chat.parse_prompt)
-    train, validation = split_examples(records, self.config.data.val_fraction,
-                                       self.config.train.seed)
-    tokenizer, template, new = conversation_setup(
-        self.config, workdir, start, [{'messages': r['prompt']} for r in train])
-    self.end_of_turn = self._end_of_turn(tokenizer, template)
-    return Data(tokenizer, self.encode(tokenizer, template, train, 'train'),
-                self.encode(tokenizer, template, validation, 'validation'), template, new)
+    data = conversation_data(self, workdir, start, chat.parse_prompt,
+                             tokenizer_texts=lambda r: {'messages': r['prompt']})
+    self.end_of_turn = self._end_of_turn(data.tokenizer, data.template)  # fails before compiling
+    return data
 
   @staticmethod
   def _end_of_turn(tokenizer, template) -> int:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 
-import jax.numpy as jnp
 import numpy as np
 
 from train import chat, step as step_lib, tokenizers
 from train.data import DataError
 from train.objectives.base import (Data, Examples, Objective, check_cut, example_dataset,
                                    example_eval_batches, num_example_batches, pad)
+from train.objectives.lm import LanguageModeling
 from train.progress import bar
 
 
@@ -43,6 +43,20 @@ def conversations(record: dict) -> list[list[dict]]:
   return [record['chosen'], record['rejected']]
 
 
+def conversation_data(objective: Objective, workdir: str, start, parse,
+                      tokenizer_texts=lambda record: record) -> Data:
+  """Data of `config.data.path`'s JSON lines: each line parsed by `parse` (train/chat.py), a
+  seeded split, the tokenizer and template (`conversation_setup`, which reads
+  `tokenizer_texts(record)` for a new tokenizer), both splits through `objective.encode`."""
+  config = objective.config
+  records = chat.read_jsonl(config.data.path, parse)
+  train, validation = split_examples(records, config.data.val_fraction, config.train.seed)
+  tokenizer, template, new = conversation_setup(config, workdir, start,
+                                                [tokenizer_texts(r) for r in train])
+  return Data(tokenizer, objective.encode(tokenizer, template, train, 'train'),
+              objective.encode(tokenizer, template, validation, 'validation'), template, new)
+
+
 def save_conversation_setup(workdir: str, data: Data) -> None:
   directory = os.path.join(workdir, 'tokenizer')
   data.tokenizer.save(directory)
@@ -59,16 +73,13 @@ def split_examples(records: list, val_fraction: float, seed: int) -> tuple[list,
   return [records[i] for i in order[:-num_val]], [records[i] for i in order[-num_val:]]
 
 
-class SFT(Objective):
+class SFT(LanguageModeling):
+  """The language-modelling loss and evaluation on conversations, weighted to the assistant's
+  tokens; LanguageModeling's evaluation batches and step."""
   name = 'sft'
 
   def data(self, workdir: str, start) -> Data:
-    records = chat.read_jsonl(self.config.data.path, chat.parse_demonstration)
-    train, validation = split_examples(records, self.config.data.val_fraction,
-                                       self.config.train.seed)
-    tokenizer, template, new = conversation_setup(self.config, workdir, start, train)
-    return Data(tokenizer, self.encode(tokenizer, template, train, 'train'),
-                self.encode(tokenizer, template, validation, 'validation'), template, new)
+    return conversation_data(self, workdir, start, chat.parse_demonstration)
 
   def encode(self, tokenizer, template, records, split: str) -> Examples:
     length = self.config.data.seq_len + 1
@@ -102,14 +113,6 @@ class SFT(Objective):
 
   def num_eval_batches(self, data: Data, max_batches: int) -> int:
     return num_example_batches(data.validation, self.config.train.eval_batch_size, max_batches)
-
-  def eval_spec(self):
-    shape = (self.config.train.eval_batch_size, self.config.data.seq_len)
-    return {'inputs': (shape, jnp.int32), 'targets': (shape, jnp.int32),
-            'weights': (shape, jnp.float32)}
-
-  def eval_fn(self, model):
-    return step_lib.make_eval_fn(model)
 
   def summarize(self, sums: dict, data: Data) -> dict:
     return {'val_loss': sums['loss'] / sums['weight'], 'val_tokens': int(sums['weight'])}

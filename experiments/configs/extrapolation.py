@@ -1,0 +1,36 @@
+"""Length extrapolation (Press et al. 2022): one small model per positional scheme, trained at 64
+characters of tiny shakespeare, evaluated by position up to 16x that length.
+
+  python -m experiments.extrapolation --workdir=runs/extrapolation
+  python -m experiments.extrapolation --workdir=runs/extrapolation --config.sweep.schemes=rope,alibi
+
+Each scheme is a normal training run (train/loop.py) of the same shape: 3 attention layers of
+width 64 (Mamba: 3 Mamba layers of the same width), 4 heads, context 64, 600 steps of batch 32.
+RoPE is evaluated again with each scaling (linear, ntk, yarn) at factor s = length / 64. The
+measured figures and the wall time on a 2-core CPU are in docs/long_context.md.
+"""
+
+from ml_collections import ConfigDict
+
+from experiments.configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.model.update(d_model=64, num_heads=4, d_ff=172, pattern='attn*3', position='rope',
+                 norm='rmsnorm', activation='swiglu', max_len=64, scan_layers=False)
+  c.data.update(path=base.TINY_SHAKESPEARE, tfds_fallback='tiny_shakespeare', tokenizer='char',
+                seq_len=64)
+  c.train.update(num_steps=600, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=50,
+                 schedule='cosine', b2=0.99, weight_decay=0.1, grad_clip=1.0, steps_per_call=50,
+                 log_every=100, eval_every=0, eval_batches=8, checkpoint_every=600,
+                 keep_checkpoints=1)
+  c.sweep = ConfigDict(dict(
+      schemes=('rope', 'alibi', 'sinusoidal', 'learned', 'none', 'mamba'),
+      mamba_pattern='mamba*3',     # the 'mamba' scheme's blocks (no positions: position=none)
+      mamba_scan_impl='parallel',  # model.mamba.scan_impl of the 'mamba' scheme
+      lengths=(64, 128, 256, 512, 1024),   # evaluation lengths; the first is the training one
+      rope_scalings=('linear', 'ntk', 'yarn'),  # RoPE stretched at evaluation, s = length / 64
+      eval_tokens=65536,           # validation tokens read at each length (the whole split: 0)
+  ))
+  return c
