@@ -198,3 +198,12 @@ def test_summary_takes_the_smallest_width_that_reaches_the_target():
   assert summary['patterns']['p']['pairs4_len64']['smallest_width'] == 32
   assert recall_sweep.summarize(runs[1:2], 0.99)['patterns']['p']['pairs4_len64'][
       'smallest_width'] is None
+
+
+def test_state_size_counts_the_recurrent_mixers_only():
+  def size(pattern):
+    return recall_sweep.state_size(tiny(vocab_size=32, pattern=pattern))
+  mamba = 2 * 32 * 16 + 2 * 32 * 3          # Din x N + Din x (d_conv - 1), Din = 2 x 32
+  mamba2 = 2 * 32 * 128 + (2 * 32 + 2 * 128) * 3
+  assert size('attn*2') == 0 and size('mamba,attn') == mamba and size('mamba*2') == 2 * mamba
+  assert size('mamba2,attn') == mamba2

@@ -87,8 +87,9 @@ def grid(config) -> list[Point]:
 
 def state_size(model_cfg) -> int:
   """Numbers a recurrent mixer carries from one token to the next, summed over layers (0 for
-  attention, whose cache grows with the context): Mamba's Din x N state plus its convolution's
-  last d_conv - 1 inputs; other mixers by their `state_size(config)` when they define one."""
+  attention, whose cache grows with the context): Mamba's and Mamba-2's Din x N state plus their
+  convolutions' last d_conv - 1 inputs; other mixers by their `state_size(config)` when they
+  define one."""
   from model import blocks
   total = 0
   for mixer, _ in blocks.parse_pattern(model_cfg.pattern):
@@ -99,6 +100,10 @@ def state_size(model_cfg) -> int:
       m = model_cfg.mamba
       d_inner = m.expand * model_cfg.d_model
       total += d_inner * m.d_state + d_inner * (m.d_conv - 1)
+    elif mixer == 'mamba2':  # H x P x N = Din x N, and the conv's inputs: x, B and C
+      m = model_cfg.mamba2
+      d_inner = m.expand * model_cfg.d_model
+      total += d_inner * m.d_state + (d_inner + 2 * m.n_groups * m.d_state) * (m.d_conv - 1)
   return total
 
 
