@@ -118,7 +118,8 @@ COMMANDS = ['train', 'eval', 'eval.sample', 'experiments.grokking', 'experiments
             'experiments.scaling', 'experiments.benchmark', 'experiments.benchmark.moe',
             'experiments.benchmark.ssm', 'experiments.benchmark.tpu', 'experiments.posttrain',
             'experiments.induction', 'eval.heads', 'eval.attention',
-            'experiments.extrapolation', 'experiments.needle', 'experiments.speculative']
+            'experiments.extrapolation', 'experiments.needle', 'experiments.speculative',
+            'experiments.recall']
 
 
 def run_all(argvs):

@@ -42,18 +42,15 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
+from experiments.sweep import (RUNS_FILE, SweepError, append_run, parse_shard,  # noqa: F401
+                               read_runs, run_grid)
 from train import cli
 from train.progress import say
 
 
-RUNS_FILE = 'runs.jsonl'
 SUMMARY_FILE = 'summary.json'
 PLOT_FILE = 'scaling.png'
 CORPUS_CONFIG = 'data.json'
-
-
-class SweepError(ValueError):
-  """A sweep command that cannot go on as given; the message says what to change."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +71,6 @@ class Point:
   @property
   def C(self) -> float:
     return self.flops_per_token * self.D
-
-
-# Settings that change how a run reports, not what it computes: a finished row still stands.
-REPORTING_FIELDS = {'train.peak_flops', 'train.log_every', 'train.eval_every', 'train.eval_batches',
-                    'train.eval_batch_size', 'train.checkpoint_every', 'train.keep_checkpoints',
-                    'train.steps_per_call', 'data.tfds_data_dir', 'model.vocab_size'}
 
 
 def size_rule(sweep, depth: int) -> dict:
@@ -128,47 +119,6 @@ def grid(config, vocab: int) -> list[Point]:
   if not points:
     raise ConfigError(f'sweep.max_flops={sweep.max_flops:.3g} leaves no run of the grid; raise it')
   return points
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-  try:
-    index, count = (int(x) for x in text.split('/'))
-  except ValueError:
-    index, count = -1, 0
-  if not 0 <= index < count:
-    raise SweepError(f'--shard={text!r}: write i/n with 0 <= i < n, e.g. --shard=0/4')
-  return index, count
-
-
-def read_runs(workdir: str) -> dict[str, dict]:
-  """The rows of DIR/runs.jsonl by run name (a later row of a name replaces an earlier one)."""
-  path = os.path.join(workdir, RUNS_FILE)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return {row['name']: row for row in rows}
-
-
-def append_run(workdir: str, row: dict) -> None:
-  """One line in one write to a file opened for appending: shards sharing runs.jsonl do not
-  interleave their rows."""
-  fd = os.open(os.path.join(workdir, RUNS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-  try:
-    os.write(fd, (json.dumps(row) + '\n').encode())
-  finally:
-    os.close(fd)
-
-
-def check_finished(row: dict, config, workdir: str) -> None:
-  """A finished row must come from the same training config: refuses to mix results."""
-  from train.workdir import RunError, differences, flatten
-  keys = sorted(k for k in set(flatten(row['config'])) | set(flatten(config.to_dict()))
-                if k not in REPORTING_FIELDS)
-  diffs = differences(row['config'], config.to_dict(), keys)
-  if diffs:
-    raise RunError(f'{workdir} already holds run {row["name"]} with another config: '
-                   + '; '.join(diffs) + '. Use a new --workdir for a new sweep.')
 
 
 def prepare_corpus(config, workdir: str) -> str:
@@ -248,35 +198,24 @@ def sweep(config, workdir: str, shard: tuple[int, int] = (0, 1),
   Returns the rows of runs.jsonl by name."""
   import jax
   from train import loop, perf
-  start = time.time()
   os.makedirs(workdir, exist_ok=True)
   corpus = prepare_corpus(config, workdir)
   points = grid(config, vocab_size(config, workdir))
-  done = read_runs(workdir)
-  mine = points[shard[0]::shard[1]]
-  for p in mine:
-    if p.name in done:
-      check_finished(done[p.name], p.config, workdir)
-  todo = [p for p in mine if p.name not in done]
-  say(f'sweep: {len(points)} runs in the grid, {len(mine)} in shard {shard[0]}/{shard[1]}, '
-      f'{len(todo)} to run')
-  if todo:
+
+  def before(todo):
     say(plan(todo))
     # Measured once for the sweep, not at the start of every run.
     config.train.peak_flops = perf.peak_flops_per_s(config.model.dtype, config.train.peak_flops)
-  chief = jax.process_index() == 0
-  for i, p in enumerate(todo):
-    run_dir = os.path.join(workdir, 'runs', p.name)
+
+  def run(p, run_dir):
     link_corpus(corpus, run_dir)
     p.config.train.peak_flops = config.train.peak_flops
-    say(f'[{i + 1}/{len(todo)}] {p.name}: pattern {p.config.model.pattern}, d_model '
-        f'{p.config.model.d_model}, {p.config.train.num_steps} steps')
-    final = loop.train_and_evaluate(p.config, run_dir)
-    if chief:
-      append_run(workdir, result_row(p, final))
-  say(f'sweep: {len(todo)} runs in {time.time() - start:.0f}s')
-  done = read_runs(workdir)
-  missing = [p.name for p in points if p.name not in done]
+    return result_row(p, loop.train_and_evaluate(p.config, run_dir))
+
+  done, missing = run_grid(points, workdir, shard, run, before=before, describe=lambda p: (
+      f'pattern {p.config.model.pattern}, d_model {p.config.model.d_model}, '
+      f'{p.config.train.num_steps} steps'))
+  chief = jax.process_index() == 0
   if missing:
     say(f'sweep: {len(missing)} of {len(points)} runs still to finish (other shards?); once they '
         f'are, fit and plot with: python -m experiments.scaling --workdir={workdir}')

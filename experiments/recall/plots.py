@@ -1,0 +1,57 @@
+"""Zoology-style figures of a recall sweep (Arora et al. 2023, figure 2): accuracy against width,
+one panel per difficulty, one line per pattern; and accuracy against recurrent state size."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _panels(runs: list[dict]) -> list[tuple[int, int]]:
+  return sorted({(r['num_pairs'], r['seq_len']) for r in runs})
+
+
+def _lines(ax, runs: list[dict], x: str, target: float) -> None:
+  for pattern in sorted({r['pattern'] for r in runs}):
+    mine = sorted((r for r in runs if r['pattern'] == pattern), key=lambda r: r[x])
+    if mine:
+      ax.plot([r[x] for r in mine], [r['accuracy'] for r in mine], 'o-', label=pattern)
+  ax.axhline(target, color='grey', lw=0.8, ls=':')
+  ax.set_xscale('log', base=2)
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+
+
+def _figure(runs: list[dict], x: str, xlabel: str, target: float, path: str) -> str:
+  panels = _panels(runs)
+  task = runs[0].get('task', 'mqar')
+  items = 'pairs' if task == 'mqar' else 'tokens'
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False,
+                           sharey=True)
+  for ax, (pairs, seq_len) in zip(axes[0], panels):
+    _lines(ax, [r for r in runs if (r['num_pairs'], r['seq_len']) == (pairs, seq_len)], x,
+           target)
+    ax.set_title(f'{task}: {pairs} {items}, length {seq_len}')
+    ax.set_xlabel(xlabel)
+  axes[0][0].set_ylabel('accuracy on held-out answers')
+  axes[0][-1].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_recall(runs: list[dict], target: float, workdir: str) -> list[str]:
+  """recall.png (accuracy vs d_model), and state.png (accuracy vs state size) when some pattern
+  has a recurrent mixer. Returns the paths written."""
+  paths = [_figure(runs, 'd_model', 'model width (d_model)', target,
+                   os.path.join(workdir, 'recall.png'))]
+  recurrent = [r for r in runs if r['state_size'] > 0]
+  if recurrent:
+    paths.append(_figure(recurrent, 'state_size', 'recurrent state size (numbers)', target,
+                         os.path.join(workdir, 'state.png')))
+  return paths
