@@ -41,7 +41,7 @@ def get_config():
                  eval_every=0, eval_batch_size=64, checkpoint_every=500)
   # Each stage's train.* settings, over the ones above.
   c.stages = ConfigDict(dict(
-      base=ConfigDict(dict(num_steps=2000)),
+      base=ConfigDict(dict(num_steps=4000)),
       sft=ConfigDict(dict(num_steps=300, lr=3e-4, warmup_steps=20)),
       reward=ConfigDict(dict(num_steps=300, lr=3e-4, warmup_steps=20)),
       dpo=ConfigDict(dict(num_steps=150, lr=3e-5, warmup_steps=10, batch_size=16)),
