@@ -133,6 +133,14 @@ def text_corpus_builder(path: str, val_fraction: float, data_dir: str | None) ->
 # Documents per split.
 
 
+def generated_records(builder: tfds.core.DatasetBuilder) -> dict[str, list[dict]]:
+  """{split: every record} of a builder whose examples are generated in process (the synthetic
+  tasks): prepared once as array_record files, read back with one batched read per split."""
+  builder.download_and_prepare()
+  return {split: source.__getitems__(range(len(source)))
+          for split, source in builder.as_data_source().items()}
+
+
 def load_documents(data_cfg) -> dict[str, list[str]]:
   """{'train': [...], 'validation': [...]} documents of the configured corpus."""
   data_dir = data_cfg.tfds_data_dir or None

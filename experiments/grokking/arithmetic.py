@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from model.config import ConfigError
+from train.data import generated_records
 
 MODULAR = ('add', 'sub', 'div', 'x2_xy_y2')
 OPERATIONS = MODULAR + ('s5',)
@@ -136,11 +137,9 @@ def load(task_cfg) -> Task:
                             version=ArithmeticTable.VERSION)
   builder = ArithmeticTable(config=config, data_dir=task_cfg.tfds_data_dir or None,
                             file_format='array_record')
-  builder.download_and_prepare()
   n = num_elements(task_cfg.operation, task_cfg.prime)
   splits = {}
-  for split, source in builder.as_data_source().items():
-    records = source.__getitems__(range(len(source)))  # one batched read of the whole split
+  for split, records in generated_records(builder).items():
     a, b, c = (np.asarray([r[k] for r in records], np.int32) for k in 'abc')
     splits[split] = {'inputs': np.stack([a, b, np.full_like(a, n)], axis=1),
                      'targets': c[:, None]}

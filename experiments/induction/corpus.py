@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from model.config import ConfigError
+from train.data import generated_records
 
 LINES_PER_RECORD = 200
 
@@ -99,10 +100,8 @@ def write_corpus(corpus_cfg, text_path: str, directory: str, tfds_data_dir: str 
         seed=corpus_cfg.seed, version=RepeatedSegments.VERSION)
     builder = RepeatedSegments(config=config, data_dir=tfds_data_dir or None,
                                file_format='array_record')
-    builder.download_and_prepare()
-    source = builder.as_data_source()['train']
     with open(os.path.join(directory + '.tmp', 'repeats.txt'), 'w', encoding='utf-8') as f:
-      for record in source.__getitems__(range(len(source))):
+      for record in generated_records(builder)['train']:
         f.write(record['text'].decode('utf-8'))
   os.rename(directory + '.tmp', directory)  # complete or absent
   return directory

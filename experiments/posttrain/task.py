@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from model.config import ConfigError
+from train.data import generated_records
 
 
 def question(a: int, b: int) -> str:
@@ -81,11 +82,8 @@ def load(task_cfg) -> Problems:
                           version=AdditionProblems.VERSION)
   builder = AdditionProblems(config=config, data_dir=task_cfg.tfds_data_dir or None,
                              file_format='array_record')
-  builder.download_and_prepare()
-  splits = {}
-  for split, source in builder.as_data_source().items():
-    records = source.__getitems__(range(len(source)))
-    splits[split] = np.asarray([[r['a'], r['b']] for r in records], np.int64)
+  splits = {split: np.asarray([[r['a'], r['b']] for r in records], np.int64)
+            for split, records in generated_records(builder).items()}
   return Problems(splits['train'], splits['test'])
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from model.config import ConfigError
+from train.data import generated_records
 
 TASKS = ('mqar', 'selective_copy')
 NOISE, SEPARATOR, FIRST_CONTENT = 1, 2, 3   # selective copying's special tokens
@@ -164,10 +165,7 @@ def load(task_cfg) -> Task:
                         version=RecallTask.VERSION)
   builder = RecallTask(config=config, data_dir=task_cfg.tfds_data_dir or None,
                        file_format='array_record')
-  builder.download_and_prepare()
-  splits = {}
-  for split, source in builder.as_data_source().items():
-    records = source.__getitems__(range(len(source)))
-    splits[split] = {k: np.stack([r[k] for r in records]).astype(np.int32)
-                     for k in ('tokens', 'answer')}
+  splits = {split: {k: np.stack([r[k] for r in records]).astype(np.int32)
+                    for k in ('tokens', 'answer')}
+            for split, records in generated_records(builder).items()}
   return Task(splits['train'], splits['test'], task_cfg.vocab)
