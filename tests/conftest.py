@@ -12,9 +12,11 @@ import pytest  # noqa: E402
 
 from experiments.configs import base  # noqa: E402
 from model import ModelConfig  # noqa: E402
-from train.mesh import skip_absent_tpu  # noqa: E402
+from train.mesh import prepare_backend  # noqa: E402
 
-skip_absent_tpu()  # CI installs libtpu (tests/test_compile_for.py): JAX must not try a TPU here
+# As every command: the CPU flags users run with, and no TPU attempt where CI installs libtpu
+# (tests/test_compile_for.py) but has no TPU.
+prepare_backend()
 
 SHAKESPEARE = base.TINY_SHAKESPEARE
 

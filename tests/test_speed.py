@@ -163,3 +163,37 @@ def test_the_benchmark_times_the_call_the_loop_builds(monkeypatch):
   with pytest.raises(Built):
     benchmark.bench_train('tiny', tiny_shape(), steps_per_call=1, repeats=1, peak=1e11)
   assert built == [(32, 2)]
+
+
+def test_cpu_xla_flags_join_the_users_and_keep_the_users_value():
+  from train.mesh import prepare_backend
+  environ = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu'}
+  prepare_backend(environ)
+  assert environ['XLA_FLAGS'] == ('--xla_force_host_platform_device_count=2 '
+                                  '--xla_cpu_experimental_ynn_fusion_type=')
+  prepare_backend(environ)  # a second call adds nothing
+  assert environ['XLA_FLAGS'].count('ynn_fusion_type') == 1
+  mine = {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=dot', 'JAX_PLATFORMS': 'cpu'}
+  prepare_backend(mine)
+  assert mine['XLA_FLAGS'] == '--xla_cpu_experimental_ynn_fusion_type=dot'
+
+
+def test_commands_compile_cpu_matmuls_without_ynnpack(tmp_path):
+  """The flag reaches XLA: a program compiled after `prepare_backend` has no YNNPACK fusion, one
+  compiled with XLA's defaults has (the check would otherwise pass for a flag XLA ignores)."""
+  import os
+  import subprocess
+  import sys
+  script = ('import sys\n'
+            'if sys.argv[1] == "commands":\n'
+            '  from train.mesh import prepare_backend; prepare_backend()\n'
+            'import jax, jax.numpy as jnp\n'
+            'f = jax.jit(lambda a, b: jnp.tanh(a @ b)).lower(jnp.ones((64, 32)), jnp.ones((32, 64)))\n'
+            'print("__ynn_fusion" in f.compile().as_text())\n')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['JAX_PLATFORMS'] = 'cpu'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  has_ynn = {how: subprocess.run([sys.executable, '-c', script, how], cwd=root, env=env,
+                                 capture_output=True, text=True, check=True).stdout.split()[-1]
+             for how in ('commands', 'xla_defaults')}
+  assert has_ynn == {'commands': 'False', 'xla_defaults': 'True'}

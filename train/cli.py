@@ -99,17 +99,17 @@ def run(main, errors: tuple[type[Exception], ...] = ()) -> None:
   line, not a traceback, with exit status 2. A run stopped by a signal (train.preemption) says
   where it stopped, with 128 + the signal's number; Ctrl-C anywhere else, 130. Where libtpu is
   installed but no TPU attached, JAX starts on the CPU without trying TPU
-  (`mesh.skip_absent_tpu`)."""
+  (`mesh.prepare_backend`, which also sets XLA's CPU flags)."""
   def main_reporting_user_errors(argv):
     # After flag parsing: --help need not import JAX.
     from train.errors import USER_ERRORS
-    from train.mesh import skip_absent_tpu
+    from train.mesh import prepare_backend
     from train.preemption import Interrupted
     if len(argv) > 1:
       print(f'error: unexpected arguments {argv[1:]}; every value is given as --flag=value',
             file=sys.stderr)
       sys.exit(2)
-    skip_absent_tpu()  # before main creates a JAX backend
+    prepare_backend()  # before main creates a JAX backend
     try:
       return main(argv)
     except (*USER_ERRORS, *errors) as e:

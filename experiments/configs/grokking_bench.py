@@ -13,5 +13,6 @@ from experiments.configs import grokking_nanda2023
 def get_config():
   c = grokking_nanda2023.get_config()
   c.train.steps_per_call = 10
+  c.train.eval_every = 10   # a call must end on an evaluation; the timed calls evaluate nothing
   c.repeats = 5
   return c
