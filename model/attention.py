@@ -36,52 +36,59 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 12.0 * keys * cfg.num_heads * cfg.dh
 
 
-@register_mixer('attn', default_ffn='mlp', extra_flops_per_token=attention_flops_per_token)
+@register_mixer('attn', default_ffn='mlp', extra_flops_per_token=attention_flops_per_token,
+                last_only=True)
 class Attention(nn.Module):
+  """With `last_only`, the last position's query alone reads every position's key and value, and
+  the output, (B, 1, D), is that position's (the final layer of an answer-only model)."""
   config: ModelConfig
   decode: bool = False
   deterministic: bool = True
+  last_only: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL):
     cfg = self.config
     H, K, Dh = cfg.num_heads, cfg.kv_heads, cfg.dh
-    q_BxLxHxDh = dense(cfg, (H, Dh), ('embed', 'heads', 'kv'), 'query')(x_BxLxD)
+    T = 1 if self.last_only else x_BxLxD.shape[1]  # queries: the last T positions
+    q_BxTxHxDh = dense(cfg, (H, Dh), ('embed', 'heads', 'kv'), 'query')(x_BxLxD[:, -T:])
+    q_pos_BxT, k_pos_BxS = positions_BxL[:, -T:], positions_BxL
     k_BxLxKxDh = dense(cfg, (K, Dh), ('embed', 'kv_heads', 'kv'), 'key')(x_BxLxD)
     v_BxLxKxDh = dense(cfg, (K, Dh), ('embed', 'kv_heads', 'kv'), 'value')(x_BxLxD)
     if cfg.qk_norm:
-      q_BxLxHxDh = head_rmsnorm(cfg, 'query_norm')(q_BxLxHxDh)
+      q_BxTxHxDh = head_rmsnorm(cfg, 'query_norm')(q_BxTxHxDh)
       k_BxLxKxDh = head_rmsnorm(cfg, 'key_norm')(k_BxLxKxDh)
     if cfg.position == 'rope':
       scaling = (cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_len)
-      q_BxLxHxDh = positions.rope(q_BxLxHxDh, positions_BxL, *scaling)
+      q_BxTxHxDh = positions.rope(q_BxTxHxDh, q_pos_BxT, *scaling)
       k_BxLxKxDh = positions.rope(k_BxLxKxDh, positions_BxL, *scaling)
-    q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ACT_BLHD)
+    q_BxTxHxDh = nn.with_logical_constraint(q_BxTxHxDh, ACT_BLHD)
 
-    q_pos_BxL = k_pos_BxS = positions_BxL
-    mask = None
     window = cfg.attention_window or None
     if self.decode and self.has_variable('cache', 'cached_key'):
       k_BxLxKxDh, v_BxLxKxDh, q_pos_BxL, k_pos_BxS = self._update_cache(k_BxLxKxDh, v_BxLxKxDh)
-      offset_BxTxS = q_pos_BxL[:, :, None] - k_pos_BxS[:, None, :]
-      mask = (offset_BxTxS >= 0) & (offset_BxTxS < (window or offset_BxTxS.shape[-1] + 1))
-      mask = mask[:, None]                                                  # (B, 1, T, S)
+      q_pos_BxT = q_pos_BxL[:, -T:]
     elif self.decode:  # `init` in decode mode: create the cache at this call's length
       self._update_cache(k_BxLxKxDh, v_BxLxKxDh)
+    mask = None  # queries and keys at the same positions: the causal (and window) mask by index
+    if q_pos_BxT.shape[1] != k_pos_BxS.shape[1] or self.decode:  # otherwise by position
+      offset_BxTxS = q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]
+      mask = (offset_BxTxS >= 0) & (offset_BxTxS < (window or offset_BxTxS.shape[-1] + 1))
+      mask = mask[:, None]                                                  # (B, 1, T, S)
     bias = None
     if cfg.position == 'alibi':  # float32 whatever the compute dtype: bfloat16 has 8 bits of
       # mantissa, so distances past 256 would share one bias
-      bias = positions.alibi_bias(q_pos_BxL, k_pos_BxS, H)
+      bias = positions.alibi_bias(q_pos_BxT, k_pos_BxS, H)
     if self.is_mutable_collection(CAPTURE):
-      out_BxLxHxDh = self._explicit(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias, q_pos_BxL,
+      out_BxTxHxDh = self._explicit(q_BxTxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias, q_pos_BxT,
                                     k_pos_BxS, window)
     else:
-      out_BxLxHxDh = jax.nn.dot_product_attention(
-          q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias=bias, mask=mask, is_causal=mask is None,
+      out_BxTxHxDh = jax.nn.dot_product_attention(
+          q_BxTxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias=bias, mask=mask, is_causal=mask is None,
           local_window_size=(window - 1, 0) if window and mask is None else None,
           implementation=cfg.attention_impl)
     return dense(cfg, cfg.d_model, ('heads', 'kv', 'embed'), 'out', std=output_std(cfg),
-                 in_axis=(-2, -1))(out_BxLxHxDh)
+                 in_axis=(-2, -1))(out_BxTxHxDh)
 
   def _explicit(self, q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, bias, q_pos_BxL, k_pos_BxS, window):
     """The attention `dot_product_attention` computes, with its probabilities written out and

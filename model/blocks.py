@@ -43,6 +43,9 @@ class MixerSpec:
   default_ffn: str
   # Training FLOPs per token that 6 * params does not count (attention scores, scans); see counting.
   extra_flops_per_token: Callable[[ModelConfig, int], float]
+  # Whether the module takes `last_only` and then returns the last position's output alone,
+  # (B, 1, D), from every position's input: what the final layer of an answer-only model needs.
+  last_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +62,10 @@ FFNS: dict[str, FfnSpec] = {'none': FfnSpec(None, position_wise=True)}
 
 
 def register_mixer(name: str, *, default_ffn: str,
-                   extra_flops_per_token: Callable[[ModelConfig, int], float] = lambda c, l: 0.0):
+                   extra_flops_per_token: Callable[[ModelConfig, int], float] = lambda c, l: 0.0,
+                   last_only: bool = False):
   def register(cls):
-    MIXERS[name] = MixerSpec(cls, default_ffn, extra_flops_per_token)
+    MIXERS[name] = MixerSpec(cls, default_ffn, extra_flops_per_token, last_only)
     return cls
   return register
 
@@ -147,9 +151,11 @@ class Block(nn.Module):
 
   Returns (x, None) so the same module is the body of `nn.scan`. With `last_only` it returns the
   last position alone, (B, 1, D): the final layer of a model whose caller reads only the last
-  position (answer-only losses, sampling's prefill). Its mixer still sees every position, and so
-  does a feed-forward that is not position-wise (`FfnSpec.position_wise`); a position-wise one
-  runs on the last position only.
+  position (answer-only losses, sampling's prefill). Its mixer still reads every position, and a
+  mixer that can (`MixerSpec.last_only`: attention's query and output projections) computes the
+  last position's output alone; a feed-forward that is not position-wise
+  (`FfnSpec.position_wise`) still sees every position, and then so does the mixer's output; a
+  position-wise one runs on the last position only.
   """
   config: ModelConfig
   mixer: str
@@ -162,12 +168,14 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, positions_BxL):
     cfg = self.config
     kw = dict(config=cfg, decode=self.decode, deterministic=self.deterministic)
+    mixer, ffn = MIXERS[self.mixer], FFNS[self.ffn]
+    last_only = self.last_only and ffn.position_wise  # from here on, the last position alone
     h = Norm(cfg, name='mixer_norm')(x_BxLxD)
-    h = MIXERS[self.mixer].module(**kw, name='mixer')(h, positions_BxL)
+    h = mixer.module(**kw, **(dict(last_only=True) if last_only and mixer.last_only else {}),
+                     name='mixer')(h, positions_BxL)
+    if last_only:
+      x_BxLxD, h = x_BxLxD[:, -1:], h[:, -1:]
     x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
-    ffn = FFNS[self.ffn]
-    if self.last_only and ffn.position_wise:
-      x_BxLxD = x_BxLxD[:, -1:]
     if ffn.module is not None:
       h = Norm(cfg, name='ffn_norm')(x_BxLxD)
       h = ffn.module(**kw, name='ffn')(h)
