@@ -16,7 +16,7 @@ from experiments.recall import objective as recall_objective
 from experiments.recall import tasks
 from model import LM
 from model.config import ConfigError
-from train.objectives.sft import as_lm_batch
+from train.objectives.base import Data
 from tests.conftest import tiny
 
 
@@ -79,8 +79,9 @@ def test_tfds_task_splits_are_held_out_and_checked(tfds_dir):
 
 def test_loss_falls_on_answer_positions_only():
   tokens, answers = tasks.generate('mqar', 32, 24, 4, 4, num=4, seed=0)
-  batch = as_lm_batch({'tokens': tokens, 'weights': answers.astype(np.float32),
-                       'valid': np.ones(4, np.float32)})
+  batch = recall_objective.as_recall_batch({'tokens': tokens,
+                                            'weights': answers.astype(np.float32),
+                                            'valid': np.ones(4, np.float32)})
   model = LM(tiny(vocab_size=32))
   params = jax.jit(model.init)(jax.random.key(0), batch['inputs'])['params']
   loss_fn = jax.jit(recall_objective.Recall(None).loss_fn(model))
@@ -107,6 +108,29 @@ def test_loss_falls_on_answer_positions_only():
   assert metrics['weight'] == weight and np.isclose(metrics['loss'], base, rtol=1e-5)
   hits = (np.argmax(logits, -1) == batch['targets'])[batch['weights'] > 0].sum()
   assert metrics['correct'] == hits
+
+
+def test_the_model_never_reads_an_answer(tfds_dir):
+  # Were answers inputs, a later query could be answered by elimination (the values already
+  # given are not its answer). Both the training and the evaluation batches blank them.
+  c = recall_config.get_config()
+  c.task.update(task_config(tfds_dir))
+  c.train.update(batch_size=8, eval_batch_size=8)
+  recall = recall_objective.Recall(c)
+  data = recall.data('', None)
+  train = recall.train_dataset(data, 0, 1)[0]
+  evaluation = next(iter(recall.eval_batches(data, 1, 0, 1)))
+  rows = data.validation.arrays
+  for batch in (train, evaluation):
+    tokens = np.concatenate([batch['inputs'][:, :1], batch['targets']], axis=1)
+    # The reference: each row's answers are at the positions whose previous target is weighted.
+    answer_input = np.zeros(batch['inputs'].shape, bool)
+    answer_input[:, 1:] = batch['weights'][:, :-1] > 0
+    assert answer_input.sum() == 4 * len(tokens) - (batch['weights'][:, -1] > 0).sum()
+    assert (batch['inputs'][answer_input] == recall_objective.BLANK).all()
+    np.testing.assert_array_equal(batch['inputs'][~answer_input], tokens[:, :-1][~answer_input])
+    assert (batch['targets'][batch['weights'] > 0] > tasks.num_keys(32)).all()  # values
+  np.testing.assert_array_equal(evaluation['targets'], rows['tokens'][:8, 1:])
 
 
 def causal_attention(q_TxD, k_TxD, v_TxE):
@@ -142,14 +166,22 @@ def lookup_model(tokens_T, vocab: int, beta: float = 50.0, shift: int = 1):
 def test_hand_set_attention_solves_mqar_exactly():
   vocab, seq_len = 32, 48
   tokens, answers = tasks.generate('mqar', vocab, seq_len, 8, 8, num=20, seed=5)
-  inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], answers[:, 1:].astype(np.float32)
+  batch = recall_objective.as_recall_batch({'tokens': tokens,
+                                            'weights': answers.astype(np.float32),
+                                            'valid': np.ones(20, np.float32)})
+  inputs, targets, weights = batch['inputs'], batch['targets'], batch['weights']
+  assert (inputs[:, 1:][weights[:, :-1] > 0] == recall_objective.BLANK).all()
   logits = jax.jit(jax.vmap(lambda x: lookup_model(x, vocab)))(inputs)
   metrics = recall_objective.answer_metrics(logits, targets, weights)
   assert metrics['weight'] == 20 * 8 and metrics['correct'] == metrics['weight']
   # A control: without the previous-token head (layer 1 attends to each position itself), the
-  # lookup finds the earlier key and copies the key, not its value: answers are chance at best.
+  # lookup finds the earlier key and copies the key, not its value: no value gets weight (only
+  # the softmax's e^-beta leaks, which argmax would still pick out of all-zero logits).
   broken = jax.jit(jax.vmap(lambda x: lookup_model(x, vocab, shift=0)))(inputs)
-  assert recall_objective.answer_metrics(broken, targets, weights)['correct'] < 0.1 * 20 * 8
+  at_answers = weights > 0
+  assert np.max(np.asarray(broken)[at_answers]) < 1e-6
+  answer_weight = np.take_along_axis(np.asarray(logits), targets[..., None], -1)[..., 0]
+  assert np.min(answer_weight[at_answers]) > 0.4
 
 
 def tiny_sweep(tfds_dir):

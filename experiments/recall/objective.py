@@ -5,6 +5,12 @@ the rows come with an answer mask that plays the part of SFT's per-token weights
 `step.make_loss_fn` over them), and the evaluation adds the share of answers predicted exactly.
 The rows are built in memory from the TFDS task (tasks.py), so a run's work directory holds no
 copy of the data. Importing this module registers it as `train.objective='recall'`.
+
+The model never reads an answer: where a row's token is an answer, its input is BLANK (as in
+Zoology, whose inputs hold 0 after each query key). Were the answers inputs, a model could answer
+a later query by elimination (the values already given are not its answer), and an MQAR with every
+pair queried once would be partly solvable without recall; with them blanked, the only way to an
+answer is to look its key up among the pairs.
 """
 
 from __future__ import annotations
@@ -12,13 +18,17 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from model.config import ConfigError
 from train import objectives, step as step_lib
-from train.objectives.base import Data, Examples
+from train.objectives.base import Data, Examples, example_dataset, example_eval_batches
 from train.objectives.sft import SFT
 
 from experiments.recall import tasks
+
+
+BLANK = 0  # the input in place of an answer token (MQAR's gap token; unused by selective copying)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +39,14 @@ class Vocabulary:
 
 def examples(split: dict) -> Examples:
   return Examples({'tokens': split['tokens'], 'weights': split['answer'].astype('float32')})
+
+
+def as_recall_batch(batch: dict) -> dict:
+  """Rows (B, L+1) of tokens and answer weights -> inputs (B, L) with every answer BLANK,
+  targets (B, L) and the targets' weights (0 off the answers and on padding rows)."""
+  tokens, answers = batch['tokens'], batch['weights'] * batch['valid'][:, None]
+  inputs = np.where(batch['weights'][:, :-1] > 0, BLANK, tokens[:, :-1]).astype(tokens.dtype)
+  return {'inputs': inputs, 'targets': tokens[:, 1:], 'weights': answers[:, 1:]}
 
 
 def answer_metrics(logits_BxLxV, targets_BxL, weights_BxL) -> dict:
@@ -57,6 +75,16 @@ class Recall(SFT):
 
   def save(self, workdir: str, data: Data) -> None:
     del workdir, data  # rebuilt from the TFDS task on every start
+
+  def train_dataset(self, data: Data, process_index: int, process_count: int):
+    tc = self.config.train
+    return example_dataset(data.train, tc.batch_size, tc.seed, process_index,
+                           process_count).map(as_recall_batch)
+
+  def eval_batches(self, data: Data, max_batches: int, process_index: int, process_count: int):
+    batches = example_eval_batches(data.validation, self.config.train.eval_batch_size,
+                                   max_batches, process_index, process_count)
+    return map(as_recall_batch, batches)
 
   def eval_fn(self, model):
     def eval_fn(params, frozen, batch):

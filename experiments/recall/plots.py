@@ -9,19 +9,31 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
 def _panels(runs: list[dict]) -> list[tuple[int, int]]:
   return sorted({(r['num_pairs'], r['seq_len']) for r in runs})
 
 
-def _lines(ax, runs: list[dict], x: str, target: float) -> None:
-  for pattern in sorted({r['pattern'] for r in runs}):
+# Patterns that solve a task all sit at accuracy 1: each line gets its own marker size and dash so
+# that the ones drawn first still show under the later ones.
+STYLES = (dict(marker='o', ms=9, ls='-'), dict(marker='s', ms=6, ls='--'),
+          dict(marker='^', ms=5, ls='-.'), dict(marker='D', ms=4, ls=':'))
+
+
+def _lines(ax, runs: list[dict], x: str, target: float, chance: float | None) -> None:
+  for i, pattern in enumerate(sorted({r['pattern'] for r in runs})):
     mine = sorted((r for r in runs if r['pattern'] == pattern), key=lambda r: r[x])
-    if mine:
-      ax.plot([r[x] for r in mine], [r['accuracy'] for r in mine], 'o-', label=pattern)
+    ax.plot([r[x] for r in mine], [r['accuracy'] for r in mine], label=pattern,
+            **STYLES[i % len(STYLES)])
   ax.axhline(target, color='grey', lw=0.8, ls=':')
+  if chance is not None:
+    ax.axhline(chance, color='black', lw=0.8, ls=(0, (1, 3)))
+    ax.annotate('one of the row\'s values at random', (0.02, chance), xycoords=('axes fraction',
+                'data'), xytext=(0, 2), textcoords='offset points', fontsize=7, va='bottom')
   ax.set_xscale('log', base=2)
+  ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
   ax.set_ylim(-0.02, 1.02)
   ax.grid(alpha=0.3)
 
@@ -34,7 +46,7 @@ def _figure(runs: list[dict], x: str, xlabel: str, target: float, path: str) -> 
                            sharey=True)
   for ax, (pairs, seq_len) in zip(axes[0], panels):
     _lines(ax, [r for r in runs if (r['num_pairs'], r['seq_len']) == (pairs, seq_len)], x,
-           target)
+           target, 1 / pairs if task == 'mqar' else None)
     ax.set_title(f'{task}: {pairs} {items}, length {seq_len}')
     ax.set_xlabel(xlabel)
   axes[0][0].set_ylabel('accuracy on held-out answers')
