@@ -132,6 +132,31 @@ def test_dpo_starts_at_log_2_and_its_gradient_favours_the_chosen_answers():
   assert float(jnp.sum((ac - bc) - (ar - br))) > 0
 
 
+def test_dpos_nll_term_adds_the_chosen_answers_mean_negative_log_likelihood():
+  cfg = tiny()
+  model, params = init(cfg)
+  batch = pair_batch(cfg.vocab_size, rows=3)
+  batch['valid'] = np.array([1.0, 1.0, 0.0], np.float32)  # the padding row counts for nothing
+  batch['chosen_weights'][1, 6:8] = 0.0                   # answers of different lengths
+
+  def loss(nll_weight):
+    objective = dpo_lib.DPO(run_config('', dpo=dict(beta=0.5, nll_weight=nll_weight)))
+    return objective.loss_fn(model)(params, batch, None, params)
+
+  plain, _ = loss(0.0)
+  with_nll, aux = loss(0.7)
+  # The reference: the chosen rows' log-softmax at their answer tokens, by numpy.
+  tokens = batch['chosen_tokens']
+  logits = np.asarray(model.apply({'params': params}, tokens[:, :-1]), np.float64)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  picked = np.take_along_axis(log_probs, tokens[:, 1:, None], -1)[..., 0]
+  weights = batch['chosen_weights'][:, 1:]
+  nll = -(picked * weights).sum(-1) / weights.sum(-1)
+  expected = float((nll * batch['valid']).sum())
+  np.testing.assert_allclose(float(aux['sums']['chosen_nll']), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(with_nll - plain), 0.7 * expected, rtol=1e-4)
+
+
 def test_sft_gives_no_gradient_through_prompt_tokens_and_rows_never_mix():
   cfg = tiny()
   model, params = init(cfg)
@@ -376,12 +401,36 @@ def test_the_addition_task_holds_out_its_test_problems_and_labels_pairs_right(tm
   with pytest.raises(task.ConfigError, match='make only 400'):
     task.load(ConfigDict(dict(cfg, num_train=390)))
 
-  # About error_rate of the documents' sums are wrong; every line states one sum.
-  lines = '\n'.join(task.documents(problems.train, 0.25, 20, seed=0)).split('\n')
-  sums = [tuple(map(int, re.findall(r'\d+', line))) for line in lines if line]
-  assert len(sums) == 300
+  # The RL prompts are problems no other stage sees; the pairs take every other problem.
+  split = task.stage_problems(problems.train, ConfigDict(dict(
+      num_demonstrations=100, num_rl_prompts=80, num_pairs=220)))
+  as_set = lambda a: {tuple(p) for p in a}
+  assert len(split.demonstrations) == 100 and len(split.rl) == 80 and len(split.pairs) == 220
+  assert as_set(split.rl).isdisjoint(as_set(split.demonstrations) | as_set(split.pairs))
+  assert as_set(split.demonstrations) | as_set(split.rl) | as_set(split.pairs) == train
+  for d, r, p in ((250, 80, 10), (100, 80, 221)):
+    with pytest.raises(task.ConfigError, match='must fit in task.num_train=300'):
+      task.stage_problems(problems.train, ConfigDict(dict(
+          num_demonstrations=d, num_rl_prompts=r, num_pairs=p)))
+
+  # Every problem is stated `passes` times, each statement wrong with chance error_rate drawn
+  # afresh (so some problem is both right and wrong); equation_share of them are equations.
+  lines = '\n'.join(task.documents(problems.train, 0.25, 20, seed=0, passes=3,
+                                   equation_share=0.7)).split('\n')
+  lines = [line for line in lines if line]
+  sums = [tuple(map(int, re.findall(r'\d+', line))) for line in lines]
+  assert len(sums) == 900
+  stated, problems_of = {}, {}  # by unordered operands: prose and 'b + a' swap the order
+  for a, b, c in sums:
+    stated.setdefault(tuple(sorted((a, b))), []).append(a + b == c)
+  for a, b in problems.train:
+    key = tuple(sorted((int(a), int(b))))
+    problems_of[key] = problems_of.get(key, 0) + 1
+  assert {k: len(v) for k, v in stated.items()} == {k: 3 * n for k, n in problems_of.items()}
+  assert any(0 < sum(v) < len(v) for v in stated.values())  # right in one pass, wrong in another
   wrong = np.mean([a + b != c for a, b, c in sums])
-  assert 0.15 < wrong < 0.35, wrong
+  assert 0.18 < wrong < 0.32, wrong
+  assert 0.62 < np.mean([' = ' in line for line in lines]) < 0.78
   for r in task.preference_pairs(problems.train, seed=0):
     a, b = map(int, re.findall(r'\d+', r['prompt']))
     assert r['chosen'] == str(a + b) == str(r['answer']) and r['rejected'] != r['chosen']
@@ -397,3 +446,5 @@ def test_the_addition_task_holds_out_its_test_problems_and_labels_pairs_right(tm
   assert rlhf.train.num_steps == config.stages.rlhf.num_steps
   assert (rlhf.rl.reward_model, rlhf.rl.accuracy) == ('runs/reward', posttrain_config.EXACT_MATCH)
   assert rlhf.rl.group_size == config.rl.group_size and 'rl' not in rlhf.train
+  default = task.stage_problems(np.zeros((config.task.num_train, 2)), config.task)  # fits
+  assert len(default.rl) == config.task.num_rl_prompts > 0

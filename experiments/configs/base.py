@@ -96,7 +96,8 @@ def get_config() -> ConfigDict:
                            alpha=16.0,                 # the update is alpha / rank x A B
                            targets=lora.DEFAULT_TARGETS))
   c.dpo = ConfigDict(dict(beta=0.1,                    # strength of the KL anchor to the reference
-                          label_smoothing=0.0))        # conservative DPO: assumed label noise
+                          label_smoothing=0.0,         # conservative DPO: assumed label noise
+                          nll_weight=0.0))             # RPO: + this x the chosen answer's NLL/token
   # Reinforcement learning (train/objectives/rl.py): GRPO and PPO.
   c.rl = ConfigDict(dict(
       reward='',                 # module:function scoring (prompt, response, **fields)

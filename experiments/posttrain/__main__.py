@@ -266,11 +266,13 @@ def main(argv):
   corpus = os.path.join(data_dir, 'corpus')
   if not os.path.isdir(corpus):
     task.write_documents(corpus, task.documents(problems.train, t.error_rate,
-                                                t.lines_per_document, t.seed))
+                                                t.lines_per_document, t.seed, t.passes,
+                                                t.equation_share))
+  split = task.stage_problems(problems.train, t)
   demos = task.write_jsonl(os.path.join(data_dir, 'sft.jsonl'),
-                           task.demonstrations(problems.train[:t.num_demonstrations]))
+                           task.demonstrations(split.demonstrations))
   pairs = task.write_jsonl(os.path.join(data_dir, 'reward.jsonl'),
-                           task.preference_pairs(problems.train[-t.num_pairs:], t.seed))
+                           task.preference_pairs(split.pairs, t.seed))
   times = {}
 
   def timed(stage, fn, *args, **kwargs):
@@ -292,8 +294,7 @@ def main(argv):
   # pairs used, with their answers for the exact-match reward.
   rl_prompts = task.write_jsonl(
       os.path.join(data_dir, 'rl.jsonl'),
-      [{'prompt': task.question(a, b), 'answer': int(a + b)}
-       for a, b in problems.train[t.num_demonstrations:len(problems.train) - t.num_pairs]])
+      [{'prompt': task.question(a, b), 'answer': int(a + b)} for a, b in split.rl])
   grpo = timed('grpo', train_stage, config, workdir, 'grpo', data_path=rl_prompts,
                init_from=sft, objective='grpo')
   rlhf = timed('rlhf', train_stage, config, workdir, 'rlhf', data_path=rl_prompts,

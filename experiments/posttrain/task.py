@@ -4,8 +4,9 @@ Problems a + b with operands in [0, task.max_operand] form a TFDS dataset genera
 (`AdditionProblems`, like experiments/grokking/arithmetic.py): disjoint 'train' and 'test' splits
 of distinct pairs, seeded. From the training problems come
 
-  documents      the base model's corpus: sums written as equations and as prose, a share of
-                 them wrong (`task.error_rate`), as text on the web is
+  documents      the base model's corpus: every problem stated `task.passes` times, as an
+                 equation (`task.equation_share` of the lines) or in prose, each statement wrong
+                 with probability `task.error_rate`, as text on the web is
   demonstrations SFT's JSON lines, {"prompt": "What is 17 + 25?", "response": "42", "answer": 42}
   pairs          the reward model's JSON lines: the right answer against a wrong one (off by a
                  small amount, or a digit changed: the errors a model makes)
@@ -87,6 +88,26 @@ def load(task_cfg) -> Problems:
   return Problems(splits['train'], splits['test'])
 
 
+@dataclasses.dataclass(frozen=True)
+class StageProblems:
+  demonstrations: np.ndarray  # SFT's
+  rl: np.ndarray              # the RL stages' prompts: no other stage sees them
+  pairs: np.ndarray           # the reward model's
+
+
+def stage_problems(train: np.ndarray, task_cfg) -> StageProblems:
+  """The training problems each stage draws on: SFT's demonstrations first, then the RL prompts,
+  which no other stage sees (so RLHF's reward model has not been trained on the questions it
+  scores); the reward model's pairs come from every other problem, demonstrations included."""
+  d, r, p = task_cfg.num_demonstrations, task_cfg.num_rl_prompts, task_cfg.num_pairs
+  if d + r > len(train) or p > len(train) - r:
+    raise ConfigError(f'task.num_demonstrations={d} and task.num_rl_prompts={r} must fit in '
+                      f'task.num_train={len(train)}, and task.num_pairs={p} in the '
+                      f'{len(train) - r} problems that are not RL prompts')
+  rest = np.concatenate([train[:d], train[d + r:]])
+  return StageProblems(train[:d], train[d:d + r], rest[:p])
+
+
 def wrong_answer(c: int, rng: np.random.Generator) -> int:
   """A plausible error: off by 1 to 10, or one digit changed."""
   if rng.random() < 0.5:
@@ -99,20 +120,26 @@ def wrong_answer(c: int, rng: np.random.Generator) -> int:
   return wrong if wrong != c and wrong >= 0 else c + 1
 
 
-PHRASES = ('{a} + {b} = {c}', 'The sum of {a} and {b} is {c}.', '{a} plus {b} makes {c}.',
-           'Adding {a} and {b} gives {c}.', '{b} + {a} = {c}')
+EQUATIONS = ('{a} + {b} = {c}', '{b} + {a} = {c}')
+PROSE = ('The sum of {a} and {b} is {c}.', '{a} plus {b} makes {c}.', 'Adding {a} and {b} gives {c}.')
 
 
-def documents(pairs: np.ndarray, error_rate: float, lines_per_document: int,
-              seed: int) -> list[str]:
-  """Documents of sums in several phrasings, `error_rate` of them wrong."""
+def documents(pairs: np.ndarray, error_rate: float, lines_per_document: int, seed: int,
+              passes: int = 1, equation_share: float = 0.5) -> list[str]:
+  """Documents of sums: every problem stated `passes` times (a new order each pass), each time
+  wrong with probability `error_rate`, drawn afresh, so the right sum is the one most statements
+  agree on, as on the web (with one pass, the same 20% of the problems would be wrong in every
+  epoch, and the model would learn them wrong); `equation_share` of the lines are equations
+  (the few-shot prompt's format), the rest prose."""
   rng = np.random.default_rng(seed)
   lines = []
-  for a, b in pairs:
-    c = int(a + b)
-    if rng.random() < error_rate:
-      c = wrong_answer(c, rng)
-    lines.append(PHRASES[rng.integers(len(PHRASES))].format(a=a, b=b, c=c))
+  for _ in range(passes):
+    for a, b in pairs[rng.permutation(len(pairs))]:
+      c = int(a + b)
+      if rng.random() < error_rate:
+        c = wrong_answer(c, rng)
+      phrases = EQUATIONS if rng.random() < equation_share else PROSE
+      lines.append(phrases[rng.integers(len(phrases))].format(a=a, b=b, c=c))
   return ['\n'.join(lines[i:i + lines_per_document]) + '\n'
           for i in range(0, len(lines), lines_per_document)]
 

@@ -6,6 +6,12 @@ smoothing (the "conservative DPO" of Mitchell 2023):
 
 where log pi(y|x) sums the answer's token log-probabilities and `ref` is the frozen starting model
 (train.init_from; with LoRA, the frozen base itself). `dpo.beta` and `dpo.label_smoothing` (eps).
+
+`dpo.nll_weight` (lambda) adds the chosen answer's mean negative log-likelihood per token,
+lambda * -log pi(y_c|x) / |y_c|, as RPO does (Pang et al. 2024, "Iterative Reasoning Preference
+Optimization"): DPO alone can lower the chosen answer's likelihood as long as the rejected one
+falls faster ("likelihood displacement"), which on a checkable task turns right greedy answers
+wrong; the NLL term holds the chosen answers up. 0 is plain DPO.
 Metrics, as the field reports them: the implicit rewards beta (log pi - log ref) of the chosen and
 rejected answers, their margin and accuracy (chosen above rejected), and the mean log-ratio
 log pi - log ref over both answers, a KL-like measure of the drift from the reference (0 at the
@@ -49,11 +55,14 @@ class DPO(PreferenceObjective):
     ref, _ = answer_log_probs(model, jax.lax.stop_gradient(reference), rows)
     ref = jax.lax.stop_gradient(ref)
     (pc, pr), (rc, rr) = halves(policy), halves(ref)
-    beta = self.config.dpo.beta
-    valid = batch['valid']
+    dc = self.config.dpo
+    beta, valid = dc.beta, batch['valid']
     reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
-    sums = {'loss': jnp.sum(dpo_loss(pc, pr, rc, rr, beta, self.config.dpo.label_smoothing)
-                            * valid),
+    chosen_tokens = jnp.maximum(halves(jnp.sum(rows['weights'], axis=-1))[0], 1.0)
+    chosen_nll = -pc / chosen_tokens
+    losses = dpo_loss(pc, pr, rc, rr, beta, dc.label_smoothing) + dc.nll_weight * chosen_nll
+    sums = {'loss': jnp.sum(losses * valid),
+            'chosen_nll': jnp.sum(chosen_nll * valid),
             'reward_chosen': jnp.sum(reward_c * valid),
             'reward_rejected': jnp.sum(reward_r * valid),
             'reward_margin': jnp.sum((reward_c - reward_r) * valid),
