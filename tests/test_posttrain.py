@@ -387,6 +387,7 @@ def test_grpo_raises_its_reward_and_a_failing_reward_function_names_the_example(
 # The experiment's task (experiments/posttrain/task.py) and its stages' configs.
 
 def test_the_addition_task_holds_out_its_test_problems_and_labels_pairs_right(tmp_path):
+  import collections
   import re
   from ml_collections import ConfigDict
   from experiments.configs import posttrain as posttrain_config
@@ -420,12 +421,10 @@ def test_the_addition_task_holds_out_its_test_problems_and_labels_pairs_right(tm
   lines = [line for line in lines if line]
   sums = [tuple(map(int, re.findall(r'\d+', line))) for line in lines]
   assert len(sums) == 900
-  stated, problems_of = {}, {}  # by unordered operands: prose and 'b + a' swap the order
+  stated = {}  # by unordered operands: prose and 'b + a' swap the order
   for a, b, c in sums:
     stated.setdefault(tuple(sorted((a, b))), []).append(a + b == c)
-  for a, b in problems.train:
-    key = tuple(sorted((int(a), int(b))))
-    problems_of[key] = problems_of.get(key, 0) + 1
+  problems_of = collections.Counter(tuple(sorted((int(a), int(b)))) for a, b in problems.train)
   assert {k: len(v) for k, v in stated.items()} == {k: 3 * n for k, n in problems_of.items()}
   assert any(0 < sum(v) < len(v) for v in stated.values())  # right in one pass, wrong in another
   wrong = np.mean([a + b != c for a, b, c in sums])

@@ -121,11 +121,12 @@ def wrong_answer(c: int, rng: np.random.Generator) -> int:
 
 
 EQUATIONS = ('{a} + {b} = {c}', '{b} + {a} = {c}')
-PROSE = ('The sum of {a} and {b} is {c}.', '{a} plus {b} makes {c}.', 'Adding {a} and {b} gives {c}.')
+PROSE = ('The sum of {a} and {b} is {c}.', '{a} plus {b} makes {c}.',
+         'Adding {a} and {b} gives {c}.')
 
 
 def documents(pairs: np.ndarray, error_rate: float, lines_per_document: int, seed: int,
-              passes: int = 1, equation_share: float = 0.5) -> list[str]:
+              passes: int, equation_share: float) -> list[str]:
   """Documents of sums: every problem stated `passes` times (a new order each pass), each time
   wrong with probability `error_rate`, drawn afresh, so the right sum is the one most statements
   agree on, as on the web (with one pass, the same 20% of the problems would be wrong in every
