@@ -157,6 +157,32 @@ def test_dpos_nll_term_adds_the_chosen_answers_mean_negative_log_likelihood():
   np.testing.assert_allclose(float(with_nll - plain), 0.7 * expected, rtol=1e-4)
 
 
+def test_the_reward_models_lm_term_adds_the_chosen_answers_nll_and_keeps_the_scores():
+  cfg = tiny()
+  model, params = init(cfg, head='both')
+  batch = pair_batch(cfg.vocab_size, rows=3)
+  batch['valid'] = np.array([1.0, 0.0, 1.0], np.float32)
+  batch['chosen_weights'][2, 7:9] = 0.0
+
+  def loss(lm_weight):
+    objective = reward_lib.RewardModel(run_config('', reward=dict(lm_weight=lm_weight)))
+    return objective.loss_fn(model)(params, batch, None)
+
+  plain, plain_aux = loss(0.0)
+  with_lm, aux = loss(0.3)
+  # The scalar head's scores are the same whether or not the LM head runs.
+  np.testing.assert_allclose(float(aux['sums']['margin']), float(plain_aux['sums']['margin']),
+                             rtol=1e-5)
+  tokens = batch['chosen_tokens']
+  logits = np.asarray(model.apply({'params': params}, tokens[:, :-1]), np.float64)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  picked = np.take_along_axis(log_probs, tokens[:, 1:, None], -1)[..., 0]
+  weights = batch['chosen_weights'][:, 1:]
+  expected = float(((-(picked * weights).sum(-1) / weights.sum(-1)) * batch['valid']).sum())
+  np.testing.assert_allclose(float(aux['sums']['chosen_nll']), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(with_lm - plain), 0.3 * expected, rtol=1e-4)
+
+
 def test_sft_gives_no_gradient_through_prompt_tokens_and_rows_never_mix():
   cfg = tiny()
   model, params = init(cfg)

@@ -86,7 +86,7 @@ def get_config() -> ConfigDict:
       keep_checkpoints=3,
       peak_flops=0.0,           # device peak for MFU; 0 measures a matmul at start-up
       init_from='',             # a run directory to start from: its parameters and tokenizer
-      objective='lm',           # lm | sft | reward | dpo (train/objectives/)
+      objective='lm',           # lm | sft | reward | dpo | grpo | ppo (train/objectives/)
   ))
 
   # Post-training (train/objectives/): conversations in a chat template, LoRA, DPO's settings.
@@ -95,6 +95,7 @@ def get_config() -> ConfigDict:
   c.lora = ConfigDict(dict(rank=0,                     # 0: every parameter trains
                            alpha=16.0,                 # the update is alpha / rank x A B
                            targets=lora.DEFAULT_TARGETS))
+  c.reward = ConfigDict(dict(lm_weight=0.0))           # + this x the chosen answer's NLL/token
   c.dpo = ConfigDict(dict(beta=0.1,                    # strength of the KL anchor to the reference
                           label_smoothing=0.0,         # conservative DPO: assumed label noise
                           nll_weight=0.0))             # RPO: + this x the chosen answer's NLL/token

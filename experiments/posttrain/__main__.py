@@ -36,7 +36,7 @@ from train import cli
 
 DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'posttrain.py')
 STAGES = ('base', 'sft', 'reward', 'dpo', 'grpo', 'rlhf')
-RUN_SECTIONS = ('model', 'data', 'train', 'mesh', 'chat', 'lora', 'dpo', 'rl')
+RUN_SECTIONS = ('model', 'data', 'train', 'mesh', 'chat', 'lora', 'reward', 'dpo', 'rl')
 RL_STAGES = ('grpo', 'rlhf')
 
 
