@@ -55,6 +55,7 @@ def train_memory(name: str) -> dict:
   return report(name)['programs']['train']['memory']
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_a_small_model_compiles_for_v5e_under_each_mesh_with_the_collectives_it_implies():
   for name in ('data', 'fsdp', 'tensor', 'expert'):
@@ -77,6 +78,7 @@ def test_a_small_model_compiles_for_v5e_under_each_mesh_with_the_collectives_it_
   assert fsdp['all-gather']['runs'] > 0 and fsdp['reduce-scatter']['runs'] > 0
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_memory_grows_with_the_batch_and_falls_when_fsdp_splits_the_parameters():
   data, fsdp, big = (train_memory(n) for n in ('data', 'fsdp', 'fsdp_big_batch'))
@@ -137,6 +139,7 @@ def test_without_a_vocabulary_size_compile_for_says_to_set_it():
     compile_for.model_config(config)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_the_command_line_reports_every_program_and_writes_compile_json(tmp_path):
   args = [sys.executable, '-m', 'train', '--config=experiments/configs/shakespeare_char.py',
@@ -159,6 +162,7 @@ def test_the_command_line_reports_every_program_and_writes_compile_json(tmp_path
       '(model.vocab_size=0): set --config.model.vocab_size']
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_a_sweeps_runs_that_differ_in_steps_compile_once_and_take_time_in_proportion(
     monkeypatch, tmp_path, capsys):

@@ -99,6 +99,7 @@ def test_kill_9_while_writing_a_checkpoint_and_a_second_process(uninterrupted, t
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '40', '60']
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tfds_dir, tmp_path):
   whole, workdir = str(tmp_path / 'whole'), str(tmp_path / 'run')
   args = dict(steps=400, checkpoint_every=200)

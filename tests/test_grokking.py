@@ -190,6 +190,7 @@ def test_first_step_is_the_first_logged_step_at_the_threshold():
   assert grokking.first_step(rows[:1], 'acc') is None
 
 
+@pytest.mark.slow
 def test_a_sweep_of_tiny_runs_writes_every_output(tmp_path):
   config = tiny_config(tmp_path)
   config.sweep.update(train_fractions=(0.5, 0.8), weight_decays=(1.0,))

@@ -80,6 +80,7 @@ def test_corpus_repeats_every_segment(tmp_path):
     assert 3 <= n <= 6 and line == line[:n] * 3 and set(line) <= text_chars
 
 
+@pytest.mark.slow
 def test_command_end_to_end(tmp_path, tfds_dir):
   workdir = tmp_path / 'run'
   text = tmp_path / 'text.txt'  # a corner of the text: tokenizing all of it takes seconds

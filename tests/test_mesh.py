@@ -161,6 +161,7 @@ def test_distributed_starts_only_when_launched_as_several():
     mesh_lib.initialize_distributed('yes', environ={})
 
 
+@pytest.mark.slow
 def test_two_processes_train_together_like_one_process(tfds_dir, tmp_path):
   """`python -m train` on two localhost processes of 2 CPU devices each (gloo collectives), as on
   two hosts: the same losses as one device, with metrics and checkpoints written once."""

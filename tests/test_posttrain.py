@@ -116,6 +116,18 @@ def pair_batch(vocab, rows=3, length=12, seed=0):
   return batch
 
 
+def chosen_nll_reference(model, params, batch) -> float:
+  """The valid chosen rows' mean negative log-likelihood per answer token, summed over rows, by
+  numpy from the logits: the reference of the NLL terms of DPO (RPO) and the reward model."""
+  tokens = batch['chosen_tokens']
+  logits = np.asarray(model.apply({'params': params}, tokens[:, :-1]), np.float64)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  picked = np.take_along_axis(log_probs, tokens[:, 1:, None], -1)[..., 0]
+  weights = batch['chosen_weights'][:, 1:]
+  nll = -(picked * weights).sum(-1) / weights.sum(-1)
+  return float((nll * batch['valid']).sum())
+
+
 def test_dpo_starts_at_log_2_and_its_gradient_favours_the_chosen_answers():
   cfg = tiny()
   model, params = init(cfg)
@@ -145,14 +157,7 @@ def test_dpos_nll_term_adds_the_chosen_answers_mean_negative_log_likelihood():
 
   plain, _ = loss(0.0)
   with_nll, aux = loss(0.7)
-  # The reference: the chosen rows' log-softmax at their answer tokens, by numpy.
-  tokens = batch['chosen_tokens']
-  logits = np.asarray(model.apply({'params': params}, tokens[:, :-1]), np.float64)
-  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  picked = np.take_along_axis(log_probs, tokens[:, 1:, None], -1)[..., 0]
-  weights = batch['chosen_weights'][:, 1:]
-  nll = -(picked * weights).sum(-1) / weights.sum(-1)
-  expected = float((nll * batch['valid']).sum())
+  expected = chosen_nll_reference(model, params, batch)
   np.testing.assert_allclose(float(aux['sums']['chosen_nll']), expected, rtol=1e-5)
   np.testing.assert_allclose(float(with_nll - plain), 0.7 * expected, rtol=1e-4)
 
@@ -173,12 +178,7 @@ def test_the_reward_models_lm_term_adds_the_chosen_answers_nll_and_keeps_the_sco
   # The scalar head's scores are the same whether or not the LM head runs.
   np.testing.assert_allclose(float(aux['sums']['margin']), float(plain_aux['sums']['margin']),
                              rtol=1e-5)
-  tokens = batch['chosen_tokens']
-  logits = np.asarray(model.apply({'params': params}, tokens[:, :-1]), np.float64)
-  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  picked = np.take_along_axis(log_probs, tokens[:, 1:, None], -1)[..., 0]
-  weights = batch['chosen_weights'][:, 1:]
-  expected = float(((-(picked * weights).sum(-1) / weights.sum(-1)) * batch['valid']).sum())
+  expected = chosen_nll_reference(model, params, batch)
   np.testing.assert_allclose(float(aux['sums']['chosen_nll']), expected, rtol=1e-5)
   np.testing.assert_allclose(float(with_lm - plain), 0.3 * expected, rtol=1e-4)
 

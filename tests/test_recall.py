@@ -193,6 +193,7 @@ def tiny_sweep(tfds_dir):
   return c
 
 
+@pytest.mark.slow
 def test_sweep_shards_skips_and_summarizes(tfds_dir, tmp_path, capfd):
   config, workdir = tiny_sweep(tfds_dir), str(tmp_path / 'sweep')
   points = recall_sweep.grid(config)

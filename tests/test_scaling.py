@@ -117,6 +117,7 @@ def tiny_sweep(tfds_dir):
   return c
 
 
+@pytest.mark.slow
 def test_sweep_shards_resumes_skips_and_records(tfds_dir, tmp_path, monkeypatch, capfd):
   config, workdir = tiny_sweep(tfds_dir), str(tmp_path / 'sweep')
   names = [p.name for p in scaling.grid(config, vocab=65)]
