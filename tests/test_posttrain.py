@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -14,6 +15,7 @@ import pytest
 
 from eval.restore import load_run
 from model import LM
+from model.config import ConfigError
 from train import chat, lora, step as step_lib
 from train.data import DataError
 from train.loop import train_and_evaluate
@@ -266,17 +268,25 @@ def sft_run(tmp_path_factory, tfds_dir):
               tfds_dir=tfds_dir, directory=directory)
 
 
-def test_sft_reward_and_dpo_runs_through_the_one_loop(sft_run):
+@pytest.fixture(scope='module')
+def reward_run(sft_run):
+  """A reward model trained from the SFT run on its pairs: (its directory, its final metrics)."""
+  r = sft_run
+  directory = str(r['directory'] / 'reward')
+  final = train_and_evaluate(run_config(
+      r['tfds_dir'], data=dict(r['small'], path=r['pref']),
+      train=dict(r['train'], num_steps=40, objective='reward', init_from=r['sft'])), directory)
+  return directory, final
+
+
+def test_sft_reward_and_dpo_runs_through_the_one_loop(sft_run, reward_run):
   r = sft_run
   with open(os.path.join(r['sft'], 'metrics.jsonl')) as f:
     losses = [row['train_loss'] for row in map(json.loads, f) if 'train_loss' in row]
   assert losses[-1] < losses[0] - 0.5 and r['final']['val_loss'] < losses[0]
   assert chat.ChatTemplate.load(os.path.join(r['sft'], 'tokenizer')).user == 'U:'
 
-  reward = train_and_evaluate(run_config(
-      r['tfds_dir'], data=dict(r['small'], path=r['pref']),
-      train=dict(r['train'], num_steps=40, objective='reward', init_from=r['sft'])),
-      str(r['directory'] / 'reward'))
+  _, reward = reward_run
   assert reward['val_accuracy'] > 0.5 and reward['val_margin'] > 0
 
   # DPO with LoRA: only adapters train and are saved; the SFT run stays the frozen base.
@@ -407,6 +417,49 @@ def test_grpo_raises_its_reward_and_a_failing_reward_function_names_the_example(
   with pytest.raises(RewardError, match=r'the reward function failed on step 0, answer 0 '
                                         r'\(prompt .*ZeroDivisionError'):
     train_and_evaluate(config, str(r['directory'] / 'broken'))
+
+
+def test_ppo_against_a_reward_model_scores_each_answer_as_the_model_does_alone(sft_run,
+                                                                             reward_run):
+  r, (reward_dir, _) = sft_run, reward_run
+  prompts = write_lines(r['directory'] / 'rl_prompts.jsonl', [
+      json.dumps({'prompt': f'{a}+{b}?', 'answer': a + b}) for a in range(6) for b in range(6)])
+  config = run_config(
+      r['tfds_dir'], data=dict(r['small'], path=prompts),
+      train=dict(r['train'], num_steps=4, objective='ppo', init_from=r['sft'], lr=1e-3,
+                 warmup_steps=0, schedule='constant', log_every=2, batch_size=4,
+                 checkpoint_every=0),
+      chat=dict(system='S:', user='U:', assistant='A:', end_of_turn='\n'),
+      rl=dict(reward_model=reward_dir, max_new_tokens=5, group_size=2, num_minibatches=2))
+  final = train_and_evaluate(config, str(r['directory'] / 'ppo'))
+  with open(os.path.join(r['directory'], 'ppo', 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  assert {'train_value_loss', 'train_kl', 'reward', 'reward_std', 'kl_penalty'} <= set(rows[-1])
+  assert np.isfinite(final['val_reward'])
+
+  # The rollout's batched scoring (prompts and answers of different lengths, padded) against
+  # the reward model applied to each answer alone, cut at its last token.
+  objective = rl.PPO(config)
+  objective._load_reward_model(types.SimpleNamespace(
+      data=types.SimpleNamespace(tokenizer=ByteTokenizer())))
+  rng = np.random.default_rng(1)
+  lengths, new = np.array([3, 6, 4]), np.array([2, 1, 4])  # prompt and answer tokens per row
+  tokens = rng.integers(1, 200, (3, 12)).astype(np.int32)
+  targets = np.arange(11)[None]
+  mask = ((targets >= lengths[:, None] - 1)
+          & (targets < (lengths + new)[:, None] - 1)).astype(np.float32)
+  batched = objective.rewards(tokens, mask, None, None, 'test')
+  reward_model = load_run(reward_dir)
+  alone = [float(reward_model.model.apply({'params': reward_model.params},
+                                          tokens[i:i + 1, :lengths[i] + new[i]],
+                                          head='scalar')[0, -1]) for i in range(3)]
+  np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-5)
+
+  for both in (dict(reward='tests.test_posttrain:sevens'), dict(reward_model='')):
+    config.rl.update(reward_model=reward_dir, reward='')
+    config.rl.update(both)
+    with pytest.raises(ConfigError, match='needs one reward'):
+      rl.GRPO(config).check()
 
 
 # ---------------------------------------------------------------------------------------------

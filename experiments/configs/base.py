@@ -103,7 +103,7 @@ def get_config() -> ConfigDict:
   c.rl = ConfigDict(dict(
       reward='',                 # module:function scoring (prompt, response, **fields)
       accuracy='',               # module:function logged as accuracy (e.g. exact match)
-      reward_model='',           # PPO: the work directory of a reward-model run
+      reward_model='',           # or the work directory of a reward-model run: its score
       group_size=4,              # answers sampled per prompt (GRPO's group)
       max_new_tokens=16,
       temperature=1.0,

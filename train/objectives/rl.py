@@ -6,19 +6,23 @@ Each of the loop's calls is one rollout and the updates that learn from it:
   rollout   a batch of prompts (`train.batch_size` of them, from `data.path`'s JSON lines),
             `rl.group_size` answers each, sampled through the KV-cache sampler
             (`eval.decode.generate`, the one arrow from train/ to eval/) at `rl.temperature` and
-            `rl.top_p`, each stopping at the chat template's end of turn; then their rewards
-            (train/rewards.py), the policy's and the frozen reference's log-probabilities of
-            every answer token, and the advantages
+            `rl.top_p`, each stopping at the chat template's end of turn; then their rewards,
+            the policy's and the frozen reference's log-probabilities of every answer token,
+            and the advantages
   updates   `rl.ppo_epochs` passes over `rl.num_minibatches` minibatches of the rollout: the
             PPO clipped objective, one optimizer step per minibatch
 
+Rewards, for either method: `rl.reward`, a function `module:function` called with the prompt,
+the answer and the example's other fields (train/rewards.py), or `rl.reward_model`, the work
+directory of a run of objective 'reward', whose score of the whole answer at its last token is
+the reward.
 GRPO: the advantage of an answer is its reward minus its group's mean (divided by the group's
 standard deviation unless `rl.scale_rewards` is off, as Dr. GRPO drops it), the same for each of
 its tokens, with a per-token KL penalty to the reference in the loss, k3 = exp(ref - logp) -
 (ref - logp) - 1 (Schulman's estimator, >= 0, 0 when they agree), weighted by `rl.beta`.
-PPO (RLHF): the policy and a value head share one trunk (LM(head='both')); the reward is the
-reward model's score of the whole answer (`rl.reward_model`, a run of objective 'reward') at its
-last token, minus beta x (logp - ref) at every token (the KL penalty folded into the reward);
+PPO (RLHF): the policy and a value head share one trunk (LM(head='both')); the reward at the
+answer's last token, minus beta x (logp - ref) at every token (the KL penalty folded into the
+reward);
 advantages by GAE (`rl.gamma`, `rl.lam`), whitened; a clipped value loss weighted by
 `rl.vf_coef`. Losses are normalised per token (`rl.loss_normalization='token'`) or per answer
 ('sequence'). Metrics: reward mean and std, accuracy (`rl.accuracy`, a function as `rl.reward`),
@@ -107,7 +111,12 @@ class OnPolicy(Objective):
                         f'sequence')
     if not 0.0 < rl.top_p <= 1.0 or rl.temperature < 0:
       raise ConfigError('rl.top_p must be in (0, 1] and rl.temperature >= 0')
-    rewards_lib.load(rl.reward) if rl.reward else None
+    if bool(rl.reward) == bool(rl.reward_model):
+      raise ConfigError(f'train.objective={self.name} needs one reward: rl.reward, a function '
+                        f'module:function (e.g. experiments.posttrain.task:exact_match), or '
+                        f'rl.reward_model, the work directory of a run of objective reward')
+    if rl.reward:
+      rewards_lib.load(rl.reward)
     if rl.accuracy:
       rewards_lib.load(rl.accuracy)
 
@@ -177,6 +186,35 @@ class OnPolicy(Objective):
 
     self._sample = sample
     self._log_probs = jax.jit(self._log_probs_fn(model))
+    if rl.reward_model:
+      self._load_reward_model(run)
+
+  def _load_reward_model(self, run) -> None:
+    from eval.restore import load_run
+    reward_run = load_run(self.config.rl.reward_model)
+    if reward_run.head != 'scalar':
+      raise ConfigError(f'rl.reward_model={self.config.rl.reward_model} is not a reward model '
+                        f'(its objective is {reward_run.config.train.objective})')
+    if reward_run.tokenizer.vocab_size != run.data.tokenizer.vocab_size:
+      raise ConfigError('rl.reward_model reads another tokenizer than the policy')
+    self.reward_params = reward_run.params
+    reward_model = reward_run.model
+
+    def scores(params, tokens, last):
+      s = reward_model.apply({'params': params}, tokens, head='scalar')
+      return jnp.take_along_axis(s, last[:, None], axis=1)[:, 0]
+
+    self._reward_model_scores = jax.jit(scores)
+
+  def rewards(self, tokens, mask, texts, records, where: str) -> np.ndarray:
+    """Each answer's reward (R,): the reward model's score at the answer's last token, or the
+    reward function's value."""
+    if self.config.rl.reward_model:
+      answer_tokens = mask.sum(axis=1).astype(int)
+      # Target t predicts token t + 1: the answer's last token is at its first target + length.
+      last = np.where(answer_tokens > 0, mask.argmax(axis=1) + answer_tokens, 0)
+      return np.asarray(self._reward_model_scores(self.reward_params, tokens, last), np.float32)
+    return self._score(self.reward_fn, texts, records, where)
 
   def _log_probs_fn(self, model):
     def log_probs(params, tokens):
@@ -269,17 +307,14 @@ class OnPolicy(Objective):
     for start in range(0, num, size):
       rows = np.arange(start, start + size) % len(examples)
       batch = {k: v[rows] for k, v in examples.arrays.items()}
-      _, _, texts, _ = self._answers(params, batch, jax.random.key(0), 0.0, 1)
+      tokens, mask, texts, _ = self._answers(params, batch, jax.random.key(0), 0.0, 1)
       records = [examples.records[i] for i in batch['index']]
-      keep = slice(0, min(size, num - start))
-      texts, records = texts[keep], records[keep]
-      if self.reward_fn is not None:
-        rewards.append(self._score(self.reward_fn, texts, records, 'validation'))
+      keep = min(size, num - start)
+      rewards.append(self.rewards(tokens, mask, texts, records, 'validation')[:keep])
       if self.accuracy_fn is not None:
-        accuracy.append(self._score(self.accuracy_fn, texts, records, 'validation'))
-    out = {'val_prompts': num}
-    if rewards:
-      out['val_reward'] = float(np.concatenate(rewards).mean())
+        accuracy.append(self._score(self.accuracy_fn, texts[:keep], records[:keep],
+                                    'validation'))
+    out = {'val_prompts': num, 'val_reward': float(np.concatenate(rewards).mean())}
     if accuracy:
       out['val_accuracy'] = float(np.concatenate(accuracy).mean())
     return out
@@ -288,15 +323,9 @@ class OnPolicy(Objective):
 class GRPO(OnPolicy):
   name = 'grpo'
 
-  def check(self) -> None:
-    super().check()
-    if not self.config.rl.reward:
-      raise ConfigError('train.objective=grpo needs rl.reward, a function module:function '
-                        '(e.g. experiments.posttrain.task:exact_match)')
-
   def learning_signal(self, state, params, tokens, mask, texts, records, step, metrics):
     rl = self.config.rl
-    rewards = self._score(self.reward_fn, texts, records, f'step {step}')
+    rewards = self.rewards(tokens, mask, texts, records, f'step {step}')
     grouped = rewards.reshape(-1, rl.group_size)
     advantages = np.asarray(group_advantages(grouped, rl.scale_rewards)).reshape(-1)
     old = np.asarray(self._log_probs(params, tokens))
@@ -328,42 +357,20 @@ class PPO(OnPolicy):
   name = 'ppo'
   head = 'both'
 
-  def check(self) -> None:
-    super().check()
-    if not self.config.rl.reward_model:
-      raise ConfigError('train.objective=ppo needs rl.reward_model, the work directory of a run '
-                        'of objective reward')
-
   def prepare(self, run) -> None:
     super().prepare(run)
-    from eval.restore import load_run
-    reward_run = load_run(self.config.rl.reward_model)
-    if reward_run.head != 'scalar':
-      raise ConfigError(f'rl.reward_model={self.config.rl.reward_model} is not a reward model '
-                        f'(its objective is {reward_run.config.train.objective})')
-    if reward_run.tokenizer.vocab_size != run.data.tokenizer.vocab_size:
-      raise ConfigError('rl.reward_model reads another tokenizer than the policy')
-    self.reward_params = reward_run.params
-    reward_model = reward_run.model
-
-    def scores(params, tokens, last):
-      s = reward_model.apply({'params': params}, tokens, head='scalar')
-      return jnp.take_along_axis(s, last[:, None], axis=1)[:, 0]
 
     def log_probs_and_values(params, tokens):
       logits, values = run.model.apply({'params': params}, tokens[:, :-1], head='both')
       return step_lib.token_log_probs(logits, tokens[:, 1:]), values
 
-    self._scores = jax.jit(scores)
     self._log_probs_and_values = jax.jit(log_probs_and_values)
 
   def learning_signal(self, state, params, tokens, mask, texts, records, step, metrics):
     rl = self.config.rl
     old, values = map(np.asarray, self._log_probs_and_values(params, tokens))
     ref = np.asarray(self._log_probs(state.frozen, tokens))
-    answer_tokens = mask.sum(axis=1).astype(int)
-    last = np.where(answer_tokens > 0, mask.argmax(axis=1) + answer_tokens, 0)  # its last token
-    scores = np.asarray(self._scores(self.reward_params, tokens, last))
+    scores = self.rewards(tokens, mask, texts, records, f'step {step}')
     kl = old - ref  # k1 per token, folded into the reward
     advantages = np.zeros_like(old)
     returns = np.zeros_like(old)
