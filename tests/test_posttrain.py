@@ -265,7 +265,7 @@ def sft_run(tmp_path_factory, tfds_dir):
                       train=dict(train, num_steps=60, objective='sft', init_from=base))
   final = train_and_evaluate(config, sft_dir)
   return dict(base=base, sft=sft_dir, pref=pref, final=final, small=small, train=train,
-              tfds_dir=tfds_dir, directory=directory)
+              template=template, tfds_dir=tfds_dir, directory=directory)
 
 
 @pytest.fixture(scope='module')
@@ -392,18 +392,21 @@ def broken(prompt, response, **fields):
   return 1 / 0
 
 
+def rl_run_config(r, prompts: str, rl_settings: dict, **train):
+  """A tiny RL run from the SFT fixture's model on `prompts`, its train.* settings over these."""
+  return run_config(
+      r['tfds_dir'], data=dict(r['small'], path=prompts), chat=r['template'], rl=rl_settings,
+      train=dict(r['train'], init_from=r['sft'], warmup_steps=0, schedule='constant',
+                 log_every=2, checkpoint_every=0, **train))
+
+
 def test_grpo_raises_its_reward_and_a_failing_reward_function_names_the_example(sft_run):
   r = sft_run
   prompts = write_lines(r['directory'] / 'prompts.jsonl', [
       json.dumps({'prompt': f'{a}+{b}?', 'answer': a + b}) for a in range(10) for b in range(8)])
-  config = run_config(
-      r['tfds_dir'], data=dict(r['small'], path=prompts),
-      train=dict(r['train'], num_steps=24, objective='grpo', init_from=r['sft'], lr=3e-3,
-                 warmup_steps=0, schedule='constant', log_every=2, batch_size=8,
-                 checkpoint_every=0),
-      chat=dict(system='S:', user='U:', assistant='A:', end_of_turn='\n'),
-      rl=dict(reward='tests.test_posttrain:sevens', max_new_tokens=6, group_size=4,
-              num_minibatches=2, beta=0.0))
+  config = rl_run_config(r, prompts, dict(reward='tests.test_posttrain:sevens', max_new_tokens=6,
+                                           group_size=4, num_minibatches=2, beta=0.0),
+                         num_steps=24, objective='grpo', lr=3e-3, batch_size=8)
   grpo = str(r['directory'] / 'grpo')
   train_and_evaluate(config, grpo)
   with open(os.path.join(grpo, 'metrics.jsonl')) as f:
@@ -424,13 +427,9 @@ def test_ppo_against_a_reward_model_scores_each_answer_as_the_model_does_alone(s
   r, (reward_dir, _) = sft_run, reward_run
   prompts = write_lines(r['directory'] / 'rl_prompts.jsonl', [
       json.dumps({'prompt': f'{a}+{b}?', 'answer': a + b}) for a in range(6) for b in range(6)])
-  config = run_config(
-      r['tfds_dir'], data=dict(r['small'], path=prompts),
-      train=dict(r['train'], num_steps=4, objective='ppo', init_from=r['sft'], lr=1e-3,
-                 warmup_steps=0, schedule='constant', log_every=2, batch_size=4,
-                 checkpoint_every=0),
-      chat=dict(system='S:', user='U:', assistant='A:', end_of_turn='\n'),
-      rl=dict(reward_model=reward_dir, max_new_tokens=5, group_size=2, num_minibatches=2))
+  config = rl_run_config(r, prompts, dict(reward_model=reward_dir, max_new_tokens=5, group_size=2,
+                                           num_minibatches=2),
+                         num_steps=4, objective='ppo', lr=1e-3, batch_size=4)
   final = train_and_evaluate(config, str(r['directory'] / 'ppo'))
   with open(os.path.join(r['directory'], 'ppo', 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
