@@ -25,7 +25,8 @@ import jax.numpy as jnp
 
 from model.blocks import AUX_LOSS, METRICS
 from train import step as step_lib
-from train.objectives.preferences import PreferenceObjective, both_sides, halves, pair_loss
+from train.objectives.preferences import (PreferenceObjective, both_sides, chosen_mean_nll,
+                                          halves, pair_loss)
 
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float,
@@ -58,8 +59,7 @@ class DPO(PreferenceObjective):
     dc = self.config.dpo
     beta, valid = dc.beta, batch['valid']
     reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
-    chosen_tokens = jnp.maximum(halves(jnp.sum(rows['weights'], axis=-1))[0], 1.0)
-    chosen_nll = -pc / chosen_tokens
+    chosen_nll = chosen_mean_nll(policy, rows)
     losses = dpo_loss(pc, pr, rc, rr, beta, dc.label_smoothing) + dc.nll_weight * chosen_nll
     sums = {'loss': jnp.sum(losses * valid),
             'chosen_nll': jnp.sum(chosen_nll * valid),

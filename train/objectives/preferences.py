@@ -86,6 +86,13 @@ def both_sides(batch: dict) -> dict:
           'last': last}
 
 
+def chosen_mean_nll(answer_log_probs_2B, rows: dict):
+  """The chosen answers' mean negative log-likelihood per answer token (B,), from every row's
+  summed answer log-probability (2B,): the NLL term of RPO (DPO) and of the reward model."""
+  tokens = jnp.maximum(halves(jnp.sum(rows['weights'], axis=-1))[0], 1.0)
+  return -halves(answer_log_probs_2B)[0] / tokens
+
+
 def halves(x):
   """(chosen, rejected) halves of a (2B, ...) array."""
   half = x.shape[0] // 2

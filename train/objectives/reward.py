@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from model.blocks import AUX_LOSS, METRICS
 from model.config import ConfigError
 from train import step as step_lib
-from train.objectives.preferences import PreferenceObjective, both_sides, halves, pair_loss
+from train.objectives.preferences import (PreferenceObjective, both_sides, chosen_mean_nll,
+                                          halves, pair_loss)
 
 
 def bradley_terry_loss(chosen, rejected):
@@ -41,11 +42,10 @@ def answer_scores(model, params, batch, rng=None, dropout: bool = False, lm: boo
   chosen_nll = None
   if lm:
     logits_2BxLxV, scores_2BxL = out
-    # Only the chosen half's logits: the rejected answers are not text to learn.
-    chosen_logits, _ = halves(logits_2BxLxV)
-    targets, weights = halves(rows['targets'])[0], halves(rows['weights'])[0]
-    nll = -jnp.sum(step_lib.token_log_probs(chosen_logits, targets) * weights, axis=-1)
-    chosen_nll = nll / jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
+    # Only the chosen half counts: the rejected answers are not text to learn.
+    log_probs_2B = jnp.sum(step_lib.token_log_probs(logits_2BxLxV, rows['targets'])
+                           * rows['weights'], axis=-1)
+    chosen_nll = chosen_mean_nll(log_probs_2B, rows)
   else:
     scores_2BxL = out
   last = jnp.take_along_axis(scores_2BxL, rows['last'][:, None], axis=1)[:, 0]
