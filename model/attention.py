@@ -3,7 +3,8 @@
 `num_kv_heads` equal to `num_heads` is multi-head attention, 1 is multi-query, between is GQA:
 `jax.nn.dot_product_attention` takes K kv heads against H query heads directly. Its
 `implementation` is the config's `attention_impl` ('xla' everywhere, 'cudnn' on NVIDIA GPUs with
-bfloat16). `attention_window` W > 0 makes it sliding-window attention: each token sees itself and
+bfloat16); 'elementwise' computes the same attention as products summed over the head's
+dimensions, for a handful of keys on CPU (`Attention._explicit`). `attention_window` W > 0 makes it sliding-window attention: each token sees itself and
 the W - 1 tokens before it. In decode mode, keys and values go to a cache of fixed length S in the 'cache'
 collection; each call writes its T new entries at the cache index and attends over the cache.
 
@@ -79,9 +80,9 @@ class Attention(nn.Module):
     if cfg.position == 'alibi':  # float32 whatever the compute dtype: bfloat16 has 8 bits of
       # mantissa, so distances past 256 would share one bias
       bias = positions.alibi_bias(q_pos_BxT, k_pos_BxS, H)
-    if self.is_mutable_collection(CAPTURE):
+    if self.is_mutable_collection(CAPTURE) or cfg.attention_impl == 'elementwise':
       out_BxTxHxDh = self._explicit(q_BxTxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias, q_pos_BxT,
-                                    k_pos_BxS, window)
+                                    k_pos_BxS, window, cfg.attention_impl == 'elementwise')
     else:
       out_BxTxHxDh = jax.nn.dot_product_attention(
           q_BxTxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias=bias, mask=mask, is_causal=mask is None,
@@ -90,24 +91,40 @@ class Attention(nn.Module):
     return dense(cfg, cfg.d_model, ('heads', 'kv', 'embed'), 'out', std=output_std(cfg),
                  in_axis=(-2, -1))(out_BxTxHxDh)
 
-  def _explicit(self, q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, bias, q_pos_BxL, k_pos_BxS, window):
-    """The attention `dot_product_attention` computes, with its probabilities written out and
-    sown: the mask from the positions (causal, and the window when there is one), query head h
-    reading kv head h // (H / K) as jax's grouped-query attention does, softmax in float32."""
-    H, K = q_BxLxHxDh.shape[2], k_BxSxKxDh.shape[2]
+  def _explicit(self, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, bias, q_pos_BxT, k_pos_BxS, window,
+                elementwise: bool):
+    """The attention `dot_product_attention` computes, with its probabilities written out (and
+    sown when the capture collection is mutable): the mask from the positions (causal, and the
+    window when there is one), query head h reading kv head h // (H / K) as jax's grouped-query
+    attention does, softmax in float32.
+
+    `elementwise` forms the scores and the outputs as products summed over the head's dimensions
+    and over the keys, instead of batched matmuls: XLA's CPU compiler runs a batched matmul as one
+    small GEMM per (batch row, head), which for a few keys (a grokking model's query against its
+    3 positions: 3,831 x 4 GEMMs of 1 x 32 by 32 x 3) cost more than the arithmetic. It holds a
+    (B, T, S, H, Dh) product, so it is for short contexts only."""
+    H, K, Dh = q_BxTxHxDh.shape[2], k_BxSxKxDh.shape[2], q_BxTxHxDh.shape[3]
     k_BxSxHxDh = jnp.repeat(k_BxSxKxDh, H // K, axis=2)
     v_BxSxHxDh = jnp.repeat(v_BxSxKxDh, H // K, axis=2)
-    scores_BxHxLxS = jnp.einsum('blhd,bshd->bhls', q_BxLxHxDh, k_BxSxHxDh,
-                                preferred_element_type=jnp.float32) / jnp.sqrt(
-                                    jnp.float32(q_BxLxHxDh.shape[-1]))
-    if bias is not None:
-      scores_BxHxLxS = scores_BxHxLxS + bias
-    offset_BxLxS = q_pos_BxL[:, :, None] - k_pos_BxS[:, None, :]
-    mask_BxLxS = (offset_BxLxS >= 0) & (offset_BxLxS < (window or offset_BxLxS.shape[-1] + 1))
-    scores_BxHxLxS = jnp.where(mask_BxLxS[:, None], scores_BxHxLxS, -jnp.inf)
-    probs_BxHxLxS = jax.nn.softmax(scores_BxHxLxS, axis=-1)
-    self.sow(CAPTURE, 'attention_weights', probs_BxHxLxS)
-    return jnp.einsum('bhls,bshd->blhd', probs_BxHxLxS.astype(v_BxSxHxDh.dtype), v_BxSxHxDh)
+    if elementwise:
+      scores_BxTxSxH = jnp.sum(q_BxTxHxDh[:, :, None].astype(jnp.float32)
+                               * k_BxSxHxDh[:, None].astype(jnp.float32), axis=-1)
+    else:
+      scores_BxTxSxH = jnp.einsum('bthd,bshd->btsh', q_BxTxHxDh, k_BxSxHxDh,
+                                  preferred_element_type=jnp.float32)
+    scores_BxTxSxH = scores_BxTxSxH / jnp.sqrt(jnp.float32(Dh))
+    if bias is not None:  # (B or 1, H, T, S)
+      scores_BxTxSxH = scores_BxTxSxH + jnp.moveaxis(bias, 1, -1)
+    offset_BxTxS = q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]
+    mask_BxTxS = (offset_BxTxS >= 0) & (offset_BxTxS < (window or offset_BxTxS.shape[-1] + 1))
+    scores_BxTxSxH = jnp.where(mask_BxTxS[..., None], scores_BxTxSxH, -jnp.inf)
+    probs_BxTxSxH = jax.nn.softmax(scores_BxTxSxH, axis=2)
+    if self.is_mutable_collection(CAPTURE):
+      self.sow(CAPTURE, 'attention_weights', jnp.transpose(probs_BxTxSxH, (0, 3, 1, 2)))
+    probs_BxTxSxH = probs_BxTxSxH.astype(v_BxSxHxDh.dtype)
+    if elementwise:
+      return jnp.sum(probs_BxTxSxH[..., None] * v_BxSxHxDh[:, None], axis=2)
+    return jnp.einsum('btsh,bshd->bthd', probs_BxTxSxH, v_BxSxHxDh)
 
   def _update_cache(self, k_BxTxKxDh, v_BxTxKxDh):
     """Writes T new keys and values at the cache index; returns the whole cache (S slots), the

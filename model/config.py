@@ -19,7 +19,7 @@ ROPE_SCALINGS = ('none', 'linear', 'ntk', 'yarn')  # model/positions.py
 NORMS = ('rmsnorm', 'layernorm', 'none')
 ACTIVATIONS = ('gelu', 'relu', 'swiglu')
 DTYPES = ('float32', 'bfloat16')
-ATTENTION_IMPLS = ('xla', 'cudnn')
+ATTENTION_IMPLS = ('xla', 'cudnn', 'elementwise')
 REMAT_POLICIES = ('none', 'full', 'dots')
 SCAN_IMPLS = ('parallel', 'sequential')
 
@@ -103,7 +103,7 @@ class ModelConfig:
   qk_norm: bool = False
   dropout: float = 0.0             # on embeddings and on each block's residual branch
   dtype: str = 'float32'           # compute dtype; parameters are always float32
-  attention_impl: str = 'xla'      # jax.nn.dot_product_attention implementation
+  attention_impl: str = 'xla'      # xla | cudnn (jax.nn.dot_product_attention) | elementwise
   attention_window: int = 0        # attend to at most this many latest tokens; 0: all of them
   init_std: float = 0.02
   scan_layers: bool = True         # nn.scan over runs of identical layers

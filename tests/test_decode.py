@@ -58,6 +58,19 @@ def test_cached_decoding_with_a_sliding_window_equals_full_forward():
                              atol=2e-5)
 
 
+@pytest.mark.parametrize('position', ['rope', 'alibi'])
+def test_elementwise_attention_equals_xla_in_training_and_cached_decoding(position):
+  """attention_impl='elementwise' (products summed, for a few keys on CPU) computes what
+  jax.nn.dot_product_attention does, with grouped-query heads, a window and ALiBi's bias."""
+  cfg = tiny(position=position, num_kv_heads=2, attention_window=4, attention_impl='elementwise')
+  model, params = setup(cfg)
+  tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
+  xla = jax.jit(LM(cfg.replace(attention_impl='xla')).apply)({'params': params}, tokens)
+  np.testing.assert_allclose(jax.jit(model.apply)({'params': params}, tokens), xla, atol=2e-5)
+  np.testing.assert_allclose(cached_logits(model, params, tokens, prompt=5), xla[:, 4:],
+                             atol=2e-5, rtol=1e-5)
+
+
 # Mamba-2 with its default feed-forward only: which feed-forward follows a mixer is already
 # covered by the other mixers, and every case costs seconds of CI time.
 LAYER_KINDS = [(mixer, ffn) for mixer in sorted(blocks.MIXERS) for ffn in sorted(blocks.FFNS)

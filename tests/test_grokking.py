@@ -131,11 +131,13 @@ def test_fourier_spectrum_finds_the_frequencies_of_an_embedding():
 def test_last_only_equals_the_last_position_of_the_full_forward():
   """Unscanned, the final layer's attention queries and feed-forward run on the last position
   only; scanned, the stack's output is sliced. Both must give the full forward pass's last
-  logits, also with a sliding window (shorter than the row), grouped-query heads and ALiBi."""
+  logits, also with a sliding window (shorter than the row), grouped-query heads and ALiBi, and
+  with the elementwise attention the grokking configs use."""
   models = [LM(tiny(pattern='attn*2', scan_layers=scan, norm='none', activation='relu',
                     use_bias=True, position='learned')) for scan in (False, True)]
-  models += [LM(tiny(pattern='attn*2', attention_window=3, num_kv_heads=2, position=position))
-             for position in ('rope', 'alibi')]
+  models += [LM(tiny(pattern='attn*2', attention_window=3, num_kv_heads=2, position=position,
+                    attention_impl=impl))
+             for position in ('rope', 'alibi') for impl in ('xla', 'elementwise')]
   tokens = jax.random.randint(jax.random.key(1), (4, 5), 0, 61)
 
   @jax.jit

@@ -1,5 +1,7 @@
 """The model core: causality, attention against a reference, positional schemes, dtypes, axes."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,10 +59,11 @@ def reference_attention(x, p, num_heads, num_kv_heads):
   return np.einsum('bqhk,hkd->bqd', out, p['out']['kernel'])
 
 
+@pytest.mark.parametrize('impl', ['xla', 'elementwise'])
 @pytest.mark.parametrize('num_kv_heads', [4, 2, 1])  # MHA, GQA, MQA
-def test_attention_equals_reference_multi_head_attention(num_kv_heads):
+def test_attention_equals_reference_multi_head_attention(num_kv_heads, impl):
   from model.attention import Attention
-  cfg = tiny(num_kv_heads=num_kv_heads, position='none')
+  cfg = tiny(num_kv_heads=num_kv_heads, position='none', attention_impl=impl)
   attn = Attention(cfg)
   x = jax.random.normal(jax.random.key(0), (2, 12, cfg.d_model))
   pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
@@ -212,6 +215,30 @@ def test_feed_forward_matches_formula(activation):
   else:
     h = np.asarray(jax.nn.gelu(jnp.asarray(xn @ k['wi'])))
   np.testing.assert_allclose(MLP(cfg).apply({'params': p}, x), h @ k['wo'], atol=1e-5)
+
+
+def test_projection_gradients_are_plain_matmuls_without_transposed_copies():
+  """A (B, L, D) projection runs as one (B*L, D) matmul (layers.matmul_2d): its weight gradients
+  equal the numpy formulas, and XLA's CPU program computes them without copying activations
+  transposed (what a (B, L)-contracting gradient costs, BENCHMARKS.md)."""
+  from model.ffn import MLP
+  cfg = tiny(activation='relu', use_bias=True)
+  x = jax.random.normal(jax.random.key(0), (16, 8, 32))
+  g = jax.random.normal(jax.random.key(2), (16, 8, 32))
+  mlp = MLP(cfg)
+  p = nn.unbox(mlp.init(jax.random.key(1), x))['params']
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(mlp.apply({'params': p}, x) * g)))
+  got = grad(p)
+  x2, g2 = np.asarray(x, np.float64).reshape(-1, 32), np.asarray(g, np.float64).reshape(-1, 32)
+  wi, wo = (np.asarray(p[n]['kernel'], np.float64) for n in ('wi', 'wo'))
+  pre = x2 @ wi + np.asarray(p['wi']['bias'])
+  dh = (g2 @ wo.T) * (pre > 0)
+  expected = {'wi': {'kernel': x2.T @ dh, 'bias': dh.sum(0)},
+              'wo': {'kernel': np.maximum(pre, 0).T @ g2, 'bias': g2.sum(0)}}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, expected)
+  hlo = grad.lower(p).compile().as_text()
+  copies = re.findall(r'%(?:copy|transpose)[\w.\-]* = f32\[([\d,]+)\]', hlo)
+  assert not [dims for dims in copies if '128' in dims.split(',') or '16,8' in dims], copies
 
 
 def test_attention_window_limits_what_a_token_sees():
