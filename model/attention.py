@@ -4,9 +4,10 @@
 `jax.nn.dot_product_attention` takes K kv heads against H query heads directly. Its
 `implementation` is the config's `attention_impl` ('xla' everywhere, 'cudnn' on NVIDIA GPUs with
 bfloat16); 'elementwise' computes the same attention as products summed over the head's
-dimensions, for a handful of keys on CPU (`Attention._explicit`). `attention_window` W > 0 makes it sliding-window attention: each token sees itself and
-the W - 1 tokens before it. In decode mode, keys and values go to a cache of fixed length S in the 'cache'
-collection; each call writes its T new entries at the cache index and attends over the cache.
+dimensions, for a handful of keys on CPU (`Attention._explicit`). `attention_window` W > 0 makes
+it sliding-window attention: each token sees itself and the W - 1 tokens before it. In decode
+mode, keys and values go to a cache of fixed length S in the 'cache' collection; each call writes
+its T new entries at the cache index and attends over the cache.
 
 Attention weights are captured on request: applied with `mutable=['intermediates']`, each layer
 computes its softmax explicitly and sows it as 'attention_weights', (B, H, L, S) in float32

@@ -88,37 +88,47 @@ def activation(name: str):
   return {'gelu': jax.nn.gelu, 'relu': jax.nn.relu, 'swiglu': jax.nn.silu}[name]
 
 
-def matmul_2d(x, kernel, dimension_numbers, precision=None):
-  """`lax.dot_general` of x (..., *K) by kernel (*K, *N) as one (M, K) x (K, N) matmul: every
-  leading axis of x is merged into M, every contracted axis into K.
+def projection_dot(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` of x (*R, *K) by kernel (*K, *N), which on CPU runs as one 2-D matmul,
+  (prod(R), prod(K)) x (prod(K), prod(N)), reshaped back to (*R, *N).
 
   Why: the weight gradient of the (B, L, K) x (K, N) form contracts two axes of both operands,
   (B, L), and XLA's CPU compiler first copies each operand transposed, (K, B, L) and (N, B, L),
-  to make those axes one; the 2-D form's gradient is a plain (K, M) x (M, N) matmul. A
-  gradient with these copies took 2.2x as long on CPU (BENCHMARKS.md, "Flattened projections").
-  The merged axes are batch and length, which no mesh rule shards apart, and the reshapes are
-  free in row-major layouts."""
+  to make those axes one; the 2-D form's gradient is a plain matmul. An MLP's gradient with these
+  copies took 2.2x as long on CPU (BENCHMARKS.md, "projections as 2-D matmuls"). Other platforms
+  keep the named axes: on a TPU the reshapes are not free (v5p, GPT-2 small, the 2-D form
+  everywhere: 13.84 -> 14.51 GiB a chip, estimated step 41.8 -> 44.8 ms). The merged axes are
+  batch and length, which no mesh rule shards apart. The LM head runs through it too."""
   (x_contract, k_contract), (x_batch, k_batch) = dimension_numbers
-  num_k = len(k_contract)
+  num_k, rows = len(k_contract), x.ndim - len(k_contract)
+
+  def general(x, kernel):
+    return jax.lax.dot_general(x, kernel, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+  def matmul_2d(x, kernel):
+    x_MxK = x.reshape(math.prod(x.shape[:rows]), -1)
+    kernel_KxN = kernel.reshape(x_MxK.shape[1], -1)
+    out_MxN = jnp.dot(x_MxK, kernel_KxN, precision=precision,
+                      preferred_element_type=preferred_element_type)
+    return out_MxN.reshape(x.shape[:rows] + kernel.shape[num_k:])
+
   if (x_batch or k_batch or tuple(k_contract) != tuple(range(num_k))
-      or tuple(x_contract) != tuple(range(x.ndim - num_k, x.ndim))):
-    return jax.lax.dot_general(x, kernel, dimension_numbers, precision=precision)
-  lead, free = x.shape[:x.ndim - num_k], kernel.shape[num_k:]
-  x_MxK = x.reshape(math.prod(lead), -1)
-  kernel_KxN = kernel.reshape(x_MxK.shape[1], math.prod(free))
-  return jnp.dot(x_MxK, kernel_KxN, precision=precision).reshape(lead + free)
+      or tuple(x_contract) != tuple(range(rows, x.ndim))):
+    return general(x, kernel)
+  return jax.lax.platform_dependent(x, kernel, cpu=matmul_2d, default=general)
 
 
 def dense(cfg: ModelConfig, features: int | tuple[int, ...], axes: tuple[str, ...], name: str,
           std: float | None = None, in_axis: int | tuple[int, ...] = -1) -> nn.DenseGeneral:
   """A projection whose kernel carries `axes` (input axes first, then output axes), computed as
-  one 2-D matmul (`matmul_2d`).
+  one 2-D matmul on CPU (`projection_dot`).
 
   `std` defaults to the model's init_std; pass `output_std(cfg)` for residual-stream writers.
   """
   num_in = len(in_axis) if isinstance(in_axis, tuple) else 1
   return nn.DenseGeneral(
       features, axis=in_axis, use_bias=cfg.use_bias, dtype=compute_dtype(cfg),
-      param_dtype=jnp.float32, dot_general=matmul_2d,
+      param_dtype=jnp.float32, dot_general=projection_dot,
       kernel_init=param_init(normal(cfg.init_std if std is None else std), axes),
       bias_init=param_init(nn.initializers.zeros, axes[num_in:]), name=name)

@@ -11,13 +11,13 @@ Cached decoding: `init` with `decode=True` on a (B, S) input creates caches of l
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from model import positions as pos_lib
 from model.blocks import Stack
 from model.config import ModelConfig
-from model.layers import ACT_BLD, ACT_BLV, Norm, compute_dtype, normal, param_init
+from model.layers import (ACT_BLD, ACT_BLV, Norm, compute_dtype, normal, param_init,
+                          projection_dot)
 
 
 class LM(nn.Module):
@@ -70,11 +70,7 @@ class LM(nn.Module):
     else:
       head_VxD = self.param('lm_head', param_init(normal(cfg.init_std), ('vocab', 'embed')),
                             (cfg.vocab_size, cfg.d_model), jnp.float32)
-    # One (B*L, D) x (D, V) matmul: its gradient to the head is then a plain 2-D matmul, which
-    # XLA's CPU compiler runs without transposed copies of both operands (layers.matmul_2d).
-    x_MxD = x_BxLxD.reshape(-1, cfg.d_model)
-    logits_BxLxV = jax.lax.dot_general(
-        x_MxD, head_VxD.astype(dtype), (((1,), (1,)), ((), ())),
-        preferred_element_type=jnp.float32).reshape(*x_BxLxD.shape[:2], cfg.vocab_size)
+    logits_BxLxV = projection_dot(x_BxLxD, head_VxD.astype(dtype).T, (((2,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
     logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ACT_BLV)
     return (logits_BxLxV, scores_BxL) if head == 'both' else logits_BxLxV

@@ -218,9 +218,10 @@ def test_feed_forward_matches_formula(activation):
 
 
 def test_projection_gradients_are_plain_matmuls_without_transposed_copies():
-  """A (B, L, D) projection runs as one (B*L, D) matmul (layers.matmul_2d): its weight gradients
-  equal the numpy formulas, and XLA's CPU program computes them without copying activations
-  transposed (what a (B, L)-contracting gradient costs, BENCHMARKS.md)."""
+  """A (B, L, D) projection runs as one (B*L, D) matmul on CPU (layers.projection_dot): its weight
+  gradients equal the numpy formulas, and XLA's CPU program computes them without copying
+  activations transposed (what a (B, L)-contracting gradient costs, BENCHMARKS.md); a TPU
+  program keeps the (B, L, D) form."""
   from model.ffn import MLP
   cfg = tiny(activation='relu', use_bias=True)
   x = jax.random.normal(jax.random.key(0), (16, 8, 32))
@@ -239,6 +240,14 @@ def test_projection_gradients_are_plain_matmuls_without_transposed_copies():
   hlo = grad.lower(p).compile().as_text()
   copies = re.findall(r'%(?:copy|transpose)[\w.\-]* = f32\[([\d,]+)\]', hlo)
   assert not [dims for dims in copies if '128' in dims.split(',') or '16,8' in dims], copies
+  # The 2-D form cost a TPU memory and time (BENCHMARKS.md): other platforms keep (B, L, D).
+  def dot_operand_shapes(platform):
+    text = grad.trace(p).lower(lowering_platforms=(platform,)).as_text()
+    signatures = re.findall(r'stablehlo\.dot_general .* : \((.*)\) ->', text)
+    return {shape for sig in signatures for shape in re.findall(r'tensor<([\dx]+)xf32>', sig)}
+  cpu_shapes, tpu_shapes = dot_operand_shapes('cpu'), dot_operand_shapes('tpu')
+  assert cpu_shapes and all(shape.count('x') == 1 for shape in cpu_shapes), cpu_shapes
+  assert '16x8x32' in tpu_shapes, tpu_shapes
 
 
 def test_attention_window_limits_what_a_token_sees():

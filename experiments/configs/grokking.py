@@ -30,7 +30,7 @@ def get_config():
   ))
   # Nanda et al.'s one-layer shape: learned positions, no norm, ReLU MLP, untied head.
   # vocab_size 0: the task's elements plus '='. Attention over 3 positions as elementwise
-  # products: 1.1x the step of batched matmuls on CPU (BENCHMARKS.md).
+  # products: 0.92x the step time of batched matmuls on CPU (BENCHMARKS.md).
   c.model = base.model_config(d_model=64, num_heads=4, d_ff=256, pattern='attn*1',
                               position='learned', max_len=3, norm='none', activation='relu',
                               use_bias=True, tie_embeddings=False, init_std=64 ** -0.5,
