@@ -40,7 +40,7 @@ def per_position(f) -> None:
   import jax
 
   from eval import loss as loss_lib
-  from eval.restore import load_run
+  from train.restore import load_run
   from model.config import ConfigError, ModelConfig
   config = f.config
   if not config:
@@ -89,7 +89,7 @@ def main(argv):
   del argv
   import jax
 
-  from eval.restore import load_run
+  from train.restore import load_run
   from train.errors import quiet_libraries
   from train.evaluate import compile_eval_step, evaluate
   quiet_libraries()

@@ -64,7 +64,7 @@ def main(argv):
   import jax
   from absl import flags
 
-  from eval.restore import load_run
+  from train.restore import load_run
   from model.capture import attention_weights
   from model.config import check_context
   from train.errors import quiet_libraries

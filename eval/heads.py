@@ -163,7 +163,7 @@ def main(argv):
   del argv
   from absl import flags
 
-  from eval.restore import load_run
+  from train.restore import load_run
   from model.config import ConfigError
   from train.errors import quiet_libraries
   from train import workdir as workdir_lib

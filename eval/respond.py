@@ -4,7 +4,7 @@ and generation that stops at each row's end token.
     answers = respond(run, prompt_tokens, max_new_tokens=8, sampling=Sampling(0.0), eos_id=...)
 
 Prompts of different lengths share one compiled program: every batch is padded to the longest
-prompt (and to `batch_size` rows) and `eval.decode.generate` reads each row's own prompt before
+prompt (and to `batch_size` rows) and `model.decode.generate` reads each row's own prompt before
 it samples, so a prompt gets what it would get alone (greedy).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from eval.decode import Sampling, generate
+from model.decode import Sampling, generate
 from train.chat import ChatTemplate, encode
 from train.progress import bar
 

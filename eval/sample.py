@@ -6,7 +6,7 @@ Prints the prompt and its continuation, generated with the KV cache (per-layer d
 Temperature 0 is greedy and deterministic. With --chat (a post-trained run, which stores its chat
 template), the prompt is a user's message: the model reads it in the template and answers until
 its end of turn, and only the answer is printed. With --draft_workdir (a smaller run with the same
-tokenizer), samples are drawn by speculative decoding (eval/speculative.py), from the same
+tokenizer), samples are drawn by speculative decoding (model/speculative.py), from the same
 distribution, and the acceptance rate and tokens/s are printed after them. --config is the run's
 own config, whose values `--config.x.y=...` overrides.
 """
@@ -45,8 +45,8 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from eval.decode import Sampling, generate
-  from eval.restore import load_run, same_tokenizer
+  from model.decode import Sampling, generate
+  from train.restore import load_run, same_tokenizer
   from model.config import check_context
   from train.errors import quiet_libraries
   from train.chat import encode, unescape
@@ -113,7 +113,7 @@ def _speculative(model, run, draft, prompts, sampling, stop):
   import jax
   import numpy as np
 
-  from eval.decode import speculative_generate
+  from model.speculative import speculative_generate
   f = flags.FLAGS
   draft_model = draft.model
   if model.config.attention_window and not draft.model_cfg.attention_window:

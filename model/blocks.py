@@ -33,7 +33,7 @@ AUX_LOSS = 'aux_loss'   # scalars summed into the training loss (e.g. MoE load b
 METRICS = 'metrics'     # per-layer diagnostics written to metrics.jsonl (e.g. expert shares)
 # A recurrent layer's decoding state after each position of a multi-token decode call, written
 # when the caller makes it mutable, position on the last axis: what lets speculative decoding
-# (eval/speculative.py) restore the state at any accepted length.
+# (model/speculative.py) restore the state at any accepted length.
 CACHE_STEPS = 'cache_steps'
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval.decode import Sampling, generate, generate_uncached, init_cache, prefill, sample_logits
+from model.decode import Sampling, generate, generate_uncached, init_cache, prefill, sample_logits
 from model import LM, blocks
 from model.config import POSITIONS, Mamba2Config, MambaConfig, MoEConfig
 from tests.conftest import tiny

@@ -141,7 +141,7 @@ def test_alibi_bias_is_float32_exact_at_long_distances():
 @pytest.fixture(scope='module')
 def trained_run(tmp_path_factory, tfds_dir):
   """A tiny RoPE run on tiny shakespeare, trained at 32 tokens, loaded back."""
-  from eval.restore import load_run
+  from train.restore import load_run
   from tests.conftest import run_config
   from train.loop import train_and_evaluate
   workdir = str(tmp_path_factory.mktemp('longctx') / 'run')

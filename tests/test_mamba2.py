@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval.decode import Sampling, generate, generate_uncached
+from model.decode import Sampling, generate, generate_uncached
 from model.config import ConfigError, Mamba2Config
 from model.mamba2 import Mamba2, ssd
 from train.loop import train_and_evaluate

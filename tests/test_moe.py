@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval.decode import Sampling, generate, generate_uncached
+from model.decode import Sampling, generate, generate_uncached
 from model import LM, count_params, training_flops_per_token
 from model.blocks import AUX_LOSS, METRICS
 from model.config import ConfigError, MoEConfig

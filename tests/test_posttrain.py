@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval.restore import load_run
+from train.restore import load_run
 from model import LM
 from model.config import ConfigError
 from train import chat, lora, step as step_lib

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval.decode import Sampling, generate, init_cache, prefill, speculative_generate
-from eval.speculative import rollback
+from model.decode import Sampling, generate, init_cache, prefill
+from model.speculative import speculative_generate
+from model.speculative import rollback
 from model import LM
 from model.blocks import CACHE_STEPS
 from tests.conftest import tiny

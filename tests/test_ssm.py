@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from eval.decode import Sampling, generate, generate_uncached
+from model.decode import Sampling, generate, generate_uncached
 from model import LM, count_params, training_flops_per_token
 from model.config import ConfigError, MambaConfig
 from model.ssm import selective_scan

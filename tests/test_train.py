@@ -14,7 +14,7 @@ import pytest
 from model import LM
 from model.config import ConfigError
 from train import optim, step as step_lib
-from eval.restore import load_run
+from train.restore import load_run
 from train.checkpoint import CheckpointError, NonFiniteError
 from train.loop import train_and_evaluate
 from train.mesh import MeshError

@@ -5,7 +5,7 @@
 libtpu describes the devices of any slice (`jax.experimental.topologies`) and JAX compiles for
 them with the TPU compiler itself. The mesh is built from those devices by the same `config.mesh`
 rules as a run's, and the programs are a run's own: `train.loop.compiled_calls` (the multi-step
-train call of train.steps_per_call steps, and the eval step) and `eval.decode.generate` (what
+train call of train.steps_per_call steps, and the eval step) and `model.decode.generate` (what
 `python -m eval.sample` runs at its defaults, one sample up to the training context). Nothing runs
 and no data is read: the vocabulary is model.vocab_size. Per chip, printed and written to
 DIR/compile.json (beside the compiled programs' HLO text, DIR/<program>.hlo.txt):
@@ -39,6 +39,7 @@ import ml_collections
 
 from model import LM, ConfigError, ModelConfig, count_params, training_flops_per_token
 from model.config import check_context
+from model.decode import Sampling, generate
 from train import hlo, loop, optim
 from train.objectives.lm import LanguageModeling
 from train import mesh as mesh_lib
@@ -256,10 +257,9 @@ def compile_run(config: ml_collections.ConfigDict, topology: str,
 
 
 def _lower_decode(model: LM, params, mesh, context: int):
-  """`eval.decode.generate` as `python -m eval.sample` runs it by default: one sample from a
+  """`model.decode.generate` as `python -m eval.sample` runs it by default: one sample from a
   one-token prompt, to the end of the training context, temperature 0.8."""
   # The one arrow from train/ to eval/ besides the RL objective's: the decoding program.
-  from eval.decode import Sampling, generate
   replicated = mesh_lib.replicated(mesh)
   prompt = jax.ShapeDtypeStruct((1, 1), jnp.int32, sharding=replicated)
   key = jax.eval_shape(lambda: jax.random.key(0))

@@ -6,13 +6,27 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from model import LM
 from train import executables, mesh as mesh_lib
 from train.objectives import Objective
 from train.progress import bar, phase
+from train.state import Layout
+
+
+def sharded_eval_step(objective, model: LM, mesh, param_shardings, frozen_shardings,
+                      layout: Layout | None = None):
+  """The objective's eval_fn as one jit over the mesh (the rules active): step(params, frozen,
+  batch) -> replicated sums, batches split over the batch axes."""
+  layout = layout or Layout(model)
+  eval_fn = objective.eval_fn(model)
+  return mesh_lib.jit(
+      lambda params, frozen, batch: eval_fn(layout.model_params(params, frozen), frozen, batch),
+      mesh, in_shardings=(param_shardings, frozen_shardings, mesh_lib.batch_sharding(mesh)),
+      out_shardings=mesh_lib.replicated(mesh))
 
 
 def compile_eval_step(eval_step, spec: dict, mesh, params, frozen):
-  """The jitted `eval_step(params, frozen, batch) -> sums` (train.loop.compiled_calls) compiled
+  """The jitted `eval_step(params, frozen, batch) -> sums` (`sharded_eval_step`) compiled
   ahead for batches of `spec` ({name: (global shape, dtype)}, an objective's eval_spec)."""
   sharding = mesh_lib.batch_sharding(mesh)
   batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)

@@ -30,7 +30,7 @@ from train import data as data_lib
 from train import mesh as mesh_lib
 from train import objectives, optim, perf, step as step_lib, workdir as workdir_lib
 from train.checkpoint import NonFiniteError
-from train.evaluate import compile_eval_step, evaluate
+from train.evaluate import compile_eval_step, evaluate, sharded_eval_step
 from train.metric_writer import MetricWriter
 from train.preemption import Interrupted, StopRequest
 from train.progress import Progress, phase
@@ -124,18 +124,6 @@ def compiled_calls(model: LM, optimizer, train_cfg, mesh, shardings, objective,
                                   layout)
   return (train_call(model, optimizer, train_cfg, mesh, shardings, objective.loss_fn, layout),
           eval_step)
-
-
-def sharded_eval_step(objective, model: LM, mesh, param_shardings, frozen_shardings,
-                      layout: Layout | None = None):
-  """The objective's eval_fn as one jit over the mesh (the rules active): step(params, frozen,
-  batch) -> replicated sums, batches split over the batch axes."""
-  layout = layout or Layout(model)
-  eval_fn = objective.eval_fn(model)
-  return mesh_lib.jit(
-      lambda params, frozen, batch: eval_fn(layout.model_params(params, frozen), frozen, batch),
-      mesh, in_shardings=(param_shardings, frozen_shardings, mesh_lib.batch_sharding(mesh)),
-      out_shardings=mesh_lib.replicated(mesh))
 
 
 def sharded_multi_step(train_step, mesh, shardings):

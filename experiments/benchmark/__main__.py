@@ -94,7 +94,7 @@ def bench_decode(name: str, shape, context: int, repeats: int) -> dict:
   uncached baseline recomputes the full forward pass for every token."""
   import flax.linen as nn
 
-  from eval.decode import Sampling, generate, generate_uncached
+  from model.decode import Sampling, generate, generate_uncached
   from model import LM, ModelConfig
   from train.perf import timed
 

@@ -33,7 +33,7 @@ def get_config():
       tfds_data_dir='',         # where TFDS prepares the task; '' is TFDS's default
   ))
   c.data.update(tfds_name='recall', seq_len=32)  # the task's rows: data.seq_len = task.seq_len
-  c.train.update(objective='recall', num_steps=1000, batch_size=64, lr=3e-3, min_lr=3e-4,
+  c.train.update(objective='experiments.recall.objective:Recall', num_steps=1000, batch_size=64, lr=3e-3, min_lr=3e-4,
                  warmup_steps=100, schedule='cosine', weight_decay=0.0, grad_clip=1.0,
                  steps_per_call=50, log_every=200, eval_every=0, eval_batch_size=512,
                  checkpoint_every=1000, keep_checkpoints=1)

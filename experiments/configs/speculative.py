@@ -6,7 +6,7 @@
 
 Both models are trained by the one loop (train.loop.train_and_evaluate) on the character-level
 corpus with shakespeare_char's recipe, each for its own number of steps; then the target alone
-(eval.decode.generate) and speculative decoding (eval.decode.speculative_generate) each generate
+(model.decode.generate) and speculative decoding (model.speculative.speculative_generate) each generate
 `bench.max_new_tokens` tokens from the same prompt, batch 1, at every temperature of
 `bench.temperatures`, timed `bench.repeats` times after compiling (medians), alternating with the
 target alone. About 20 minutes on a loaded 2-core CPU (the target's training is 11 of them);

@@ -98,7 +98,7 @@ def losses_by_length(model, params, tokens, lengths, batch_tokens: int, eval_tok
 
 def run_scheme(config, scheme: str, workdir: str) -> dict:
   """Trains (unless done) and evaluates one scheme; returns and writes its results."""
-  from eval.restore import load_run
+  from train.restore import load_run
   from model import LM, count_params
   from train import loop
   from train.progress import say

@@ -103,7 +103,7 @@ def draw_heads(config, workdir: str, pattern: str, summary: dict, path: str) -> 
 
   from eval import heads
   from eval.attention import plot_heads, token_labels
-  from eval.restore import load_run
+  from train.restore import load_run
   from model.capture import attention_weights
   if summary.get('induction_head') is None:
     return None

@@ -61,7 +61,7 @@ def train(config, workdir: str) -> None:
 
 
 def probe(config, workdir: str) -> dict:
-  from eval.restore import load_run
+  from train.restore import load_run
   from experiments.configs import base
   from experiments.needle import haystack, plots, probe as probe_lib
   from train.progress import phase

@@ -89,7 +89,7 @@ def accuracies(run_dir: str, config, problems, chat: bool) -> dict:
   """The run's exact-match accuracy on the test problems (chat and, for the base, few-shot),
   cached in DIR/<stage>/accuracy.json."""
   from eval.respond import chat_prompt
-  from eval.restore import load_run
+  from train.restore import load_run
   from experiments.posttrain import task
   from train.chat import ChatTemplate
   path = os.path.join(run_dir, 'accuracy.json')
@@ -120,7 +120,7 @@ def accuracies(run_dir: str, config, problems, chat: bool) -> dict:
 
 def reward_model_accuracy(run_dir: str, config, problems) -> float:
   """The reward model's pairwise accuracy on pairs of the test problems (right vs wrong)."""
-  from eval.restore import load_run
+  from train.restore import load_run
   from experiments.posttrain import task
   from train.evaluate import compile_eval_step, evaluate
   from train.objectives.base import Data
@@ -142,9 +142,9 @@ def reward_model_accuracy(run_dir: str, config, problems) -> float:
 def sampled_pairs(sft_dir: str, config, problems, path: str) -> str:
   """DPO's pairs: samples_per_prompt answers of the SFT model to training questions, at the
   sampling temperature; a prompt with a right and a wrong answer gives one pair."""
-  from eval.decode import Sampling
+  from model.decode import Sampling
   from eval.respond import chat_prompt, respond
-  from eval.restore import load_run
+  from train.restore import load_run
   from experiments.posttrain import task
   from train.progress import say
   if os.path.exists(path):

@@ -122,7 +122,6 @@ def result_row(point: Point, final: dict, model_cfg) -> dict:
 def sweep(config, workdir: str, shard: tuple[int, int] = (0, 1)) -> dict[str, dict]:
   """Runs this shard's unfinished points; summarises and plots once the grid is complete."""
   import jax
-  from experiments.recall import objective  # noqa: F401  (registers train.objective='recall')
   from model import ModelConfig
   from train import loop, perf
   points = grid(config)

@@ -4,7 +4,8 @@ It is SFT's objective (train/objectives/sft.py) with the task's rows in place of
 the rows come with an answer mask that plays the part of SFT's per-token weights (the loss is
 `step.make_loss_fn` over them), and the evaluation adds the share of answers predicted exactly.
 The rows are built in memory from the TFDS task (tasks.py), so a run's work directory holds no
-copy of the data. Importing this module registers it as `train.objective='recall'`.
+copy of the data. A config names it as
+`train.objective='experiments.recall.objective:Recall'`.
 
 The model never reads an answer: where a row's token is an answer, its input is BLANK (as in
 Zoology, whose inputs hold 0 after each query key). Were the answers inputs, a model could answer
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ConfigError
-from train import objectives, step as step_lib
+from train import step as step_lib
 from train.objectives.base import Data, Examples, example_dataset, example_eval_batches
 from train.objectives.sft import SFT
 
@@ -97,5 +98,3 @@ class Recall(SFT):
     return {'val_loss': sums['loss'] / sums['weight'],
             'val_accuracy': sums['correct'] / sums['weight'], 'val_answers': int(sums['weight'])}
 
-
-objectives.OBJECTIVES.setdefault(Recall.name, Recall)

@@ -6,8 +6,8 @@
 Trains the target and the draft of `config.target` / `config.draft` on tiny shakespeare through
 the one loop (train.loop.train_and_evaluate, in DIR/target and DIR/draft; a finished run is
 reused), unless --target and --draft name trained runs (same tokenizer). Then, at every
-temperature of config.bench, times the target alone (eval.decode.generate, batch 1) and
-speculative decoding (eval.decode.speculative_generate) for every K of bench.num_draft, each
+temperature of config.bench, times the target alone (model.decode.generate, batch 1) and
+speculative decoding (model.speculative.speculative_generate) for every K of bench.num_draft, each
 generating bench.max_new_tokens tokens from the same prompt: medians of bench.repeats runs after
 compiling, with the target alone timed again beside each K (alternating with it), so that each
 speed-up is the ratio of two timings taken together, which a loaded machine's drift spares.
@@ -69,7 +69,8 @@ def measure(target_run, draft_run, bench, on_row) -> list[dict]:
   import jax
   import jax.numpy as jnp
 
-  from eval.decode import Sampling, generate, speculative_generate
+  from model.decode import Sampling, generate
+  from model.speculative import speculative_generate
   from model.config import check_context
   prompt = jnp.asarray(target_run.tokenizer.encode(bench.prompt), jnp.int32)[None]
   total = prompt.shape[1] + bench.max_new_tokens
@@ -173,7 +174,7 @@ def plot(summary: dict, path: str) -> None:
 
 def main(argv):
   del argv
-  from eval.restore import load_run, same_tokenizer
+  from train.restore import load_run, same_tokenizer
   from model.config import ConfigError
   from train.errors import quiet_libraries
   quiet_libraries()

@@ -1,6 +1,8 @@
 """Training objectives: what the one training loop (train/loop.py) optimises.
 
-An objective is a loss function plus the batches it eats, chosen by `train.objective`:
+An objective is a loss function, the batches it eats and the tokens they hold, chosen by
+`train.objective`: a name below, or `module:Class` for one defined elsewhere (an experiment's
+own, e.g. `experiments.recall.objective:Recall`):
 
   lm       next-token prediction on a text corpus (pretraining; the default)      lm.py
   sft      supervised fine-tuning on demonstrations, loss on the assistant's turns sft.py
@@ -11,33 +13,49 @@ An objective is a loss function plus the batches it eats, chosen by `train.objec
 
 The loop owns everything else (mesh, state, checkpoints and exact resume, metrics, progress); it
 asks the objective for its data, its batches and its loss and evaluation functions (see
-`Objective`). A new objective is one module and one line in OBJECTIVES.
+`Objective`). A new objective is one module and one line in OBJECTIVES. The table names modules
+rather than importing them: an objective module may read other runs (RL's reward model, through
+train/restore.py, which resolves objectives by name), and nothing registers by being imported.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from model.config import ConfigError
 from train.objectives.base import Objective
-from train.objectives.dpo import DPO
-from train.objectives.lm import LanguageModeling
-from train.objectives.reward import RewardModel
-from train.objectives.rl import GRPO, PPO
-from train.objectives.sft import SFT
 
-OBJECTIVES: dict[str, type[Objective]] = {
-    'lm': LanguageModeling, 'sft': SFT, 'reward': RewardModel, 'dpo': DPO, 'grpo': GRPO,
-    'ppo': PPO}
+OBJECTIVES: dict[str, str] = {
+    'lm': 'train.objectives.lm:LanguageModeling',
+    'sft': 'train.objectives.sft:SFT',
+    'reward': 'train.objectives.reward:RewardModel',
+    'dpo': 'train.objectives.dpo:DPO',
+    'grpo': 'train.objectives.rl:GRPO',
+    'ppo': 'train.objectives.rl:PPO',
+}
+
+
+def resolve(name: str) -> type[Objective]:
+  """The objective class `name` gives: a name in OBJECTIVES or 'module:Class'."""
+  target = OBJECTIVES.get(name, name)
+  module_name, _, attribute = target.partition(':')
+  if not attribute:
+    raise ConfigError(f'train.objective={name!r} is not known; choose one of '
+                      f'{sorted(OBJECTIVES)} or give module:Class')
+  try:
+    cls = getattr(importlib.import_module(module_name), attribute)
+  except (ImportError, AttributeError) as e:
+    raise ConfigError(f'train.objective={name!r}: cannot import {target} ({e})') from e
+  if not (isinstance(cls, type) and issubclass(cls, Objective)):
+    raise ConfigError(f'train.objective={name!r}: {target} is not an Objective subclass')
+  return cls
 
 
 def make(config) -> Objective:
   """The objective `config.train.objective` names, checked against the config."""
-  name = config.train.objective
-  if name not in OBJECTIVES:
-    raise ConfigError(f'train.objective={name!r} is not known; choose one of '
-                      f'{sorted(OBJECTIVES)}')
-  objective = OBJECTIVES[name](config)
+  objective = resolve(config.train.objective)(config)
   objective.check()
   return objective
 
 
-__all__ = ['OBJECTIVES', 'Objective', 'make']
+__all__ = ['OBJECTIVES', 'Objective', 'make', 'resolve']

@@ -5,7 +5,7 @@ Each of the loop's calls is one rollout and the updates that learn from it:
 
   rollout   a batch of prompts (`train.batch_size` of them, from `data.path`'s JSON lines),
             `rl.group_size` answers each, sampled through the KV-cache sampler
-            (`eval.decode.generate`, the one arrow from train/ to eval/) at `rl.temperature` and
+            (`model.decode.generate`, the one arrow from train/ to eval/) at `rl.temperature` and
             `rl.top_p`, each stopping at the chat template's end of turn; then their rewards,
             the policy's and the frozen reference's log-probabilities of every answer token,
             and the advantages
@@ -39,10 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ConfigError
+from model.decode import Sampling, generate
 from train import chat, rewards as rewards_lib, step as step_lib
 from train.objectives.base import Data, Examples, Objective, example_dataset
 from train.objectives.sft import conversation_data, save_conversation_setup
 from train.progress import bar
+from train.restore import load_run
 
 
 def group_advantages(rewards_BxG, scale: bool = True, eps: float = 1e-6):
@@ -169,7 +171,6 @@ class OnPolicy(Objective):
 
   def prepare(self, run) -> None:
     """Called by the loop once the run is built: the compiled pieces of a rollout."""
-    from eval.decode import Sampling, generate
     self.run = run
     rl = self.config.rl
     self.reward_fn = rewards_lib.load(rl.reward) if rl.reward else None
@@ -190,7 +191,6 @@ class OnPolicy(Objective):
       self._load_reward_model(run)
 
   def _load_reward_model(self, run) -> None:
-    from eval.restore import load_run
     reward_run = load_run(self.config.rl.reward_model)
     if reward_run.head != 'scalar':
       raise ConfigError(f'rl.reward_model={self.config.rl.reward_model} is not a reward model '

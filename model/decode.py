@@ -4,8 +4,8 @@ Every layer keeps its own decoding state in the model's 'cache' collection: keys
 attention, (conv state, SSM state) for Mamba. `generate` compiles prefill plus a `lax.while_loop`
 of decode steps into one program; `generate_uncached` recomputes the whole sequence for every new
 token, the reference the cache must reproduce token for token (and the baseline it beats).
-`speculative_generate` (eval/speculative.py, importable from here) samples the same distribution
-with a small draft model proposing tokens for the target to verify.
+`speculative_generate` (model/speculative.py, which builds on this module) samples the same
+distribution with a small draft model proposing tokens for the target to verify.
 """
 
 from __future__ import annotations
@@ -161,10 +161,3 @@ def generate_uncached(model: LM, params, prompt_BxT, rng, *, max_new_tokens: int
                                           (jnp.int32(0), tokens, rng, jnp.zeros((B,), bool)))
   return tokens, jnp.full((B,), i, jnp.int32)
 
-
-def __getattr__(name):
-  # `eval.decode.speculative_generate` lives in eval/speculative.py, which imports this module.
-  if name == 'speculative_generate':
-    from eval.speculative import speculative_generate
-    return speculative_generate
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

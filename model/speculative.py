@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from eval.decode import Sampling, filter_logits, init_cache, prefill, sample_logits
+from model.decode import Sampling, filter_logits, init_cache, prefill, sample_logits
 from model import LM
 from model.blocks import CACHE_STEPS
 from model.config import ConfigError

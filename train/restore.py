@@ -1,4 +1,5 @@
-"""Loads a trained run from its work directory for evaluation and sampling."""
+"""Loads a trained run from its work directory: for evaluation, sampling, a reward model that
+scores an RL run's rollouts, and every experiment that reads a run."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import ml_collections
 from model import LM, ModelConfig
 from train import checkpoint as ckpt_lib
 from train import mesh as mesh_lib
-from train import tokenizers, workdir as workdir_lib
+from train import objectives, tokenizers, workdir as workdir_lib
+from train.chat import ChatTemplate
+from train.evaluate import sharded_eval_step
+from train.state import Layout, StartRun
 
 
 @dataclasses.dataclass
@@ -33,8 +37,7 @@ class TrainedRun:
   head: str = 'logits'
 
   def eval_step(self):
-    """The objective's evaluation step for these parameters (train.loop.sharded_eval_step)."""
-    from train.loop import sharded_eval_step
+    """The objective's evaluation step for these parameters (train.evaluate.sharded_eval_step)."""
     shardings = jax.tree.map(lambda x: x.sharding, (self.params, self.frozen))
     return sharded_eval_step(self.objective, self.model, self.mesh, *shardings)
 
@@ -45,9 +48,6 @@ def load_run(workdir: str, step: int | None = None,
   tokenizer and parameters at `step` (default: the latest checkpoint). A run whose objective
   reads frozen parameters (LoRA's base, DPO's reference) reads them from the run it started from,
   as training does (train/state.py)."""
-  from train import objectives
-  from train.chat import ChatTemplate
-  from train.state import Layout, StartRun
   config = config if config else workdir_lib.load_config(workdir)
   if config is None:
     raise workdir_lib.RunError(f'{workdir} holds no run (no {workdir_lib.CONFIG_FILE}); train one '
@@ -91,7 +91,7 @@ def load_run(workdir: str, step: int | None = None,
 
 def same_tokenizer(workdir: str, other: str) -> bool:
   """Whether two runs saved the same tokenizer (its files, byte for byte): what a draft model
-  must share with its target (eval/speculative.py)."""
+  must share with its target (model/speculative.py)."""
   a, b = f'{workdir}/tokenizer', f'{other}/tokenizer'
   names = sorted(os.listdir(a))
   return names == sorted(os.listdir(b)) and all(
