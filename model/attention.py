@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from model import positions
-from model.blocks import register_mixer
+from model.registry import register_mixer
 from model.config import ModelConfig
 from model.layers import ACT_BLHD, dense, head_rmsnorm, output_std
 

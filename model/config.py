@@ -14,6 +14,9 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from model.errors import ConfigError
+from model.registry import parse_pattern
+
 POSITIONS = ('learned', 'sinusoidal', 'rope', 'alibi', 'none')
 ROPE_SCALINGS = ('none', 'linear', 'ntk', 'yarn')  # model/positions.py
 NORMS = ('rmsnorm', 'layernorm', 'none')
@@ -22,10 +25,6 @@ DTYPES = ('float32', 'bfloat16')
 ATTENTION_IMPLS = ('xla', 'cudnn', 'elementwise')
 REMAT_POLICIES = ('none', 'full', 'dots')
 SCAN_IMPLS = ('parallel', 'sequential')
-
-
-class ConfigError(ValueError):
-  """An invalid model configuration; the message names the field and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +84,7 @@ class ModelConfig:
   num_kv_heads: int | None = None  # None: num_heads (MHA); 1: MQA; between: GQA
   head_dim: int | None = None      # None: d_model // num_heads
   d_ff: int | None = None          # None: 4 * d_model
-  pattern: str = 'attn*4'          # see model.blocks.parse_pattern
+  pattern: str = 'attn*4'          # see model.registry.parse_pattern
   position: str = 'rope'
   rope_base: float = 10000.0
   # Stretching RoPE past the context it was trained at (model/positions.py: rope_frequencies):
@@ -139,8 +138,7 @@ class ModelConfig:
   @property
   def layers(self) -> tuple[tuple[str, str], ...]:
     """The pattern as one (mixer, feed-forward) pair per layer."""
-    from model import blocks  # the registry lives with the stack
-    return blocks.parse_pattern(self.pattern)
+    return parse_pattern(self.pattern)
 
   @property
   def num_layers(self) -> int:

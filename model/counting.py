@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.blocks import MIXERS
+from model.registry import MIXERS
 from model.config import ModelConfig
 from model.lm import LM
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from model.blocks import register_ffn
+from model.registry import register_ffn
 from model.config import ModelConfig
 from model.layers import activation, dense, output_std
 

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.blocks import register_mixer
+from model.registry import register_mixer
 from model.config import ModelConfig
 from model.layers import ACT_BLHD, compute_dtype, dense, output_std, param_init
 

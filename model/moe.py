@@ -40,7 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.blocks import AUX_LOSS, METRICS, register_ffn
+from model.blocks import AUX_LOSS, METRICS
+from model.registry import register_ffn
 from model.config import ModelConfig, MoEConfig
 from model.ffn import MLP
 from model.layers import activation, compute_dtype, normal, output_std, param_init

@@ -24,7 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.blocks import CACHE_STEPS, register_mixer
+from model.blocks import CACHE_STEPS
+from model.registry import register_mixer
 from model.config import SCAN_IMPLS, ModelConfig
 from model.layers import compute_dtype, dense, output_std, param_init
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import LM, blocks
+from model import LM, blocks, registry
 from model.config import ConfigError
 from tests.conftest import tiny
 
@@ -18,7 +18,7 @@ from tests.conftest import tiny
     ('(attn,attn:none)*2,attn', [('attn', 'mlp'), ('attn', 'none')] * 2 + [('attn', 'mlp')]),
 ])
 def test_parse_pattern(pattern, expected):
-  assert list(blocks.parse_pattern(pattern)) == expected
+  assert list(registry.parse_pattern(pattern)) == expected
 
 
 @pytest.mark.parametrize('pattern, message', [
@@ -35,13 +35,13 @@ def test_bad_patterns_name_the_problem(pattern, message):
 
 
 def test_runs_group_consecutive_identical_layers():
-  layers = blocks.parse_pattern('attn*3,attn:none,attn*2')
+  layers = registry.parse_pattern('attn*3,attn:none,attn*2')
   assert blocks.runs(layers) == [(0, ('attn', 'mlp'), 3), (3, ('attn', 'none'), 1),
                                  (4, ('attn', 'mlp'), 2)]
 
 
 def test_a_registered_mixer_plugs_in_without_touching_the_stack():
-  @blocks.register_mixer('_shift', default_ffn='none')
+  @registry.register_mixer('_shift', default_ffn='none')
   class Shift(nn.Module):  # a toy token-shift mixer: y_t = W x_{t-1}
     config: object
     decode: bool = False
@@ -60,7 +60,7 @@ def test_a_registered_mixer_plugs_in_without_touching_the_stack():
     assert set(params['blocks']) == {'layer_0', 'layer_1'}
     assert 'ffn' not in params['blocks']['layer_0']
   finally:
-    del blocks.MIXERS['_shift']
+    del registry.MIXERS['_shift']
 
 
 def unstack(scanned_params, cfg):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from model.decode import Sampling, generate, generate_uncached, init_cache, prefill, sample_logits
-from model import LM, blocks
+from model import LM, registry
 from model.config import POSITIONS, Mamba2Config, MambaConfig, MoEConfig
 from tests.conftest import tiny
 
@@ -73,8 +73,8 @@ def test_elementwise_attention_equals_xla_in_training_and_cached_decoding(positi
 
 # Mamba-2 with its default feed-forward only: which feed-forward follows a mixer is already
 # covered by the other mixers, and every case costs seconds of CI time.
-LAYER_KINDS = [(mixer, ffn) for mixer in sorted(blocks.MIXERS) for ffn in sorted(blocks.FFNS)
-               if mixer != 'mamba2' or ffn == blocks.MIXERS[mixer].default_ffn]
+LAYER_KINDS = [(mixer, ffn) for mixer in sorted(registry.MIXERS) for ffn in sorted(registry.FFNS)
+               if mixer != 'mamba2' or ffn == registry.MIXERS[mixer].default_ffn]
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])

@@ -62,8 +62,10 @@ def test_no_arrow_points_up():
 
 
 def _package_edges(graph):
-  """Importing `a.b.c` runs `a/__init__` and `a/b/__init__` first: not an arrow of its own."""
-  return {a: {b for b in targets if not a.startswith(b + '.')} for a, targets in graph.items()}
+  """Importing `a.b.c` runs `a/__init__` and `a/b/__init__` first, and a package's `__init__`
+  names its own submodules as `from a import b`: neither is an arrow of its own."""
+  return {a: {b for b in targets if b != a and not a.startswith(b + '.')}
+          for a, targets in graph.items()}
 
 
 def _cycle(graph) -> list[str] | None:

@@ -50,7 +50,7 @@ def run_name(pattern: str) -> str:
 def parse_patterns(text: str) -> list[str]:
   """'attn:none,attn:none*2' -> ['attn:none', 'attn:none*2']; top-level commas separate models,
   those inside parentheses belong to one pattern; '|' separates too ('mamba,attn|attn*2')."""
-  from model.blocks import parse_pattern
+  from model.registry import parse_pattern
   from model.config import ConfigError
   if '|' in text:
     patterns = [p.strip() for p in text.split('|') if p.strip()]

@@ -90,10 +90,10 @@ def state_size(model_cfg) -> int:
   attention, whose cache grows with the context): Mamba's and Mamba-2's Din x N state plus their
   convolutions' last d_conv - 1 inputs; other mixers by their `state_size(config)` when they
   define one."""
-  from model import blocks
+  from model import registry
   total = 0
-  for mixer, _ in blocks.parse_pattern(model_cfg.pattern):
-    cls = blocks.MIXERS[mixer].module
+  for mixer, _ in registry.parse_pattern(model_cfg.pattern):
+    cls = registry.MIXERS[mixer].module
     if hasattr(cls, 'state_size'):
       total += cls.state_size(model_cfg)
     elif mixer == 'mamba':

@@ -75,12 +75,12 @@ class Point:
 
 def size_rule(sweep, depth: int) -> dict:
   """The model fields that one depth sets: pattern, d_model, num_heads."""
-  from model import ConfigError, blocks
+  from model import ConfigError, registry
   if '{depth}' not in sweep.pattern:
     raise ConfigError(f'sweep.pattern={sweep.pattern!r} has no {{depth}}: write the repeat count '
                       f'that the size rule sets as {{depth}}, e.g. "attn*{{depth}}"')
   pattern = sweep.pattern.format(depth=depth)
-  layers = len(blocks.parse_pattern(pattern))
+  layers = len(registry.parse_pattern(pattern))
   d_model = sweep.head_dim * max(1, round(sweep.aspect_ratio * layers / sweep.head_dim))
   return dict(pattern=pattern, d_model=d_model, num_heads=d_model // sweep.head_dim)
 
