@@ -1,6 +1,6 @@
 """Faults a run must survive, end to end through `python -m train`: kill -9 while a checkpoint is
-being written, a second process on the same work directory, SIGTERM (preemption). Each resumed
-run's losses equal an uninterrupted run's."""
+being written, a second process on the same work directory, SIGTERM (preemption) and SIGINT
+(Ctrl-C). Each resumed run's losses equal an uninterrupted run's."""
 
 import json
 import os
@@ -100,7 +100,8 @@ def test_kill_9_while_writing_a_checkpoint_and_a_second_process(uninterrupted, t
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tfds_dir, tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])  # preemption, Ctrl-C
+def test_a_signal_saves_a_checkpoint_and_the_same_command_resumes(signum, tfds_dir, tmp_path):
   whole, workdir = str(tmp_path / 'whole'), str(tmp_path / 'run')
   args = dict(steps=400, checkpoint_every=200)
   run(train_args(whole, tfds_dir, **args))
@@ -108,11 +109,11 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tfds_dir, tmp_p
                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   metrics = os.path.join(workdir, 'metrics.jsonl')
   wait_for(lambda: os.path.exists(metrics) and len(losses(workdir)) >= 3, process)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   _, stderr = process.communicate(timeout=120)
-  assert process.returncode == 128 + signal.SIGTERM, stderr
+  assert process.returncode == 128 + signum, stderr
   last = stderr.strip().splitlines()[-1]
-  assert last.startswith('interrupted by SIGTERM at step ') and last.endswith(
+  assert last.startswith(f'interrupted by {signum.name} at step ') and last.endswith(
       '; checkpoint saved; run the same command to resume'), stderr
   assert 'Traceback' not in stderr
   step = int(last.split('at step ')[1].split(';')[0])
