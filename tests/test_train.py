@@ -16,6 +16,7 @@ from model.config import ConfigError
 from train import optim, step as step_lib
 from train.restore import load_run
 from train.checkpoint import CheckpointError, NonFiniteError
+from train.data import DataError
 from train.loop import train_and_evaluate
 from train.mesh import MeshError
 from train.metric_writer import MetricWriter
@@ -266,6 +267,26 @@ def test_resuming_with_other_data_is_refused_naming_the_fields(tfds_dir, tmp_pat
       ('train', dict(seed=1), r'train.seed: 0 -> 1')]:
     with pytest.raises(RunError, match=message + r'.*--init_from='):
       train_and_evaluate(run_config(tfds_dir, **{section: change}), workdir)
+  assert snapshot(workdir) == before
+
+
+def test_resuming_on_a_corpus_edited_in_place_is_refused(tfds_dir, tmp_path):
+  corpus = tmp_path / 'corpus' / 'text.txt'
+  corpus.parent.mkdir()
+  text = open(SHAKESPEARE).read()[:100_000]
+  corpus.write_text(text)
+  config = run_config(tfds_dir, data=dict(path=str(corpus.parent)),
+                      train=dict(num_steps=10, eval_every=0, checkpoint_every=10))
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(config, workdir)
+  train_and_evaluate(config, workdir)  # unchanged: resumes (a finished run reports again)
+  mtime = os.path.getmtime(corpus)
+  corpus.write_text(text.replace('the', 'THE'))  # same size, same name, same time
+  os.utime(corpus, (mtime, mtime))
+  before = snapshot(workdir)
+  with pytest.raises(DataError, match=r'corpus at data.path=.* changed since this run tokenized '
+                                      r'it \(1 file\(s\) differ: text.txt\).*new --workdir'):
+    train_and_evaluate(config, workdir)
   assert snapshot(workdir) == before
 
 

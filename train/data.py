@@ -129,6 +129,36 @@ def text_corpus_builder(path: str, val_fraction: float, data_dir: str | None) ->
   return TextCorpus(config=config, data_dir=data_dir or None, file_format='array_record')
 
 
+def corpus_identity(path: str) -> list[list]:
+  """[[file relative to `path`, bytes, sha256 of its content], ...] of the corpus at `path`: what
+  a run records when it tokenizes the corpus, so that resuming after the files changed in place
+  is noticed (`check_corpus`). Reads every byte once (about a second per GB)."""
+  root = path if os.path.isdir(path) else os.path.dirname(path)
+  identity = []
+  for f in _corpus_files(path):
+    digest = hashlib.sha256()
+    with open(f, 'rb') as file:
+      for block in iter(lambda: file.read(1 << 24), b''):
+        digest.update(block)
+    identity.append([os.path.relpath(f, root), os.path.getsize(f), digest.hexdigest()])
+  return identity
+
+
+def check_corpus(path: str, recorded: list[list]) -> None:
+  """Raises DataError when the corpus at `path` is not the one `recorded` (`corpus_identity`)
+  describes: a run resumed there would go on training on its stored copy of the old text."""
+  now = corpus_identity(path)
+  if now == recorded:
+    return
+  before, after = {f: (n, h) for f, n, h in recorded}, {f: (n, h) for f, n, h in now}
+  changed = sorted(f for f in before.keys() | after.keys() if before.get(f) != after.get(f))
+  raise DataError(
+      f'the corpus at data.path={path} changed since this run tokenized it ({len(changed)} '
+      f'file(s) differ: {", ".join(changed[:3])}{", ..." if len(changed) > 3 else ""}); '
+      f'resuming would go on training on the old text. Restore the files, or train on the new '
+      f'text in a new --workdir (with --init_from=THIS_RUN to start from its parameters).')
+
+
 # ---------------------------------------------------------------------------------------------
 # Documents per split.
 

@@ -7,7 +7,9 @@ validation metrics are the loss per token, perplexity and bits per character and
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import jax.numpy as jnp
 
@@ -17,18 +19,32 @@ from train import workdir as workdir_lib
 from train.objectives.base import Data, Objective
 
 
+CORPUS_FILE = 'data/corpus.json'  # the identity of the text files tokenized (data.path)
+
+
 class LanguageModeling(Objective):
   name = 'lm'
 
   def data(self, workdir: str, start) -> Data:
     prepared = workdir_lib.load_data(workdir)
+    path = self.config.data.path
     if prepared is not None:
+      recorded = os.path.join(workdir, CORPUS_FILE)
+      if path and os.path.exists(path) and os.path.exists(recorded):
+        with open(recorded) as f:
+          data_lib.check_corpus(path, json.load(f))
       return Data(*prepared)
     tokenizer = start.tokenizer if start is not None else None
-    return Data(*workdir_lib.build_data(self.config, tokenizer), built=True)
+    data = Data(*workdir_lib.build_data(self.config, tokenizer), built=True)
+    if path and os.path.exists(path):  # a local corpus (not TFDS's catalog)
+      self.corpus = data_lib.corpus_identity(path)
+    return data
 
   def save(self, workdir: str, data: Data) -> None:
     workdir_lib.save_data(workdir, data.tokenizer, data.train, data.validation)
+    if getattr(self, 'corpus', None) is not None:
+      with open(os.path.join(workdir, CORPUS_FILE), 'w') as f:
+        json.dump(self.corpus, f)
 
   def train_dataset(self, data: Data, process_index: int, process_count: int):
     tc = self.config.train
