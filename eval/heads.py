@@ -34,6 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train import data as data_lib
+from train import step as step_lib
+
 # Olsson et al. 2022: the ICL score is the loss of the 500th token minus that of the 50th, in
 # contexts of 512 tokens.
 OLSSON_EARLY, OLSSON_LATE, OLSSON_CONTEXT = 50, 500, 512
@@ -62,8 +65,7 @@ def previous_token_scores(probs_BxHxLxL):
 
 def next_token_losses(logits_BxLxV, tokens_BxL):
   """(B, L - 1): the loss of predicting tokens[:, t + 1] from the logits at t, in float32."""
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp_BxLxV, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
+  return step_lib.token_losses(logits_BxLxV[:, :-1], tokens_BxL[:, 1:])
 
 
 def copy_losses(losses_BxT, period: int):
@@ -106,15 +108,12 @@ def head_scores(model, params, tokens_BxL, period: int) -> dict:
 
 def context_losses(model, params, inputs_BxL, targets_BxL):
   """(B, L) per-position losses of held-out contexts (the ICL score's input)."""
-  logits_BxLxV = model.apply({'params': params}, inputs_BxL)
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  return step_lib.token_losses(model.apply({'params': params}, inputs_BxL), targets_BxL)
 
 
 def spaced_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:
   """(at most count, seq_len + 1): windows of a token stream (train.data.PackedSequences) at
   evenly spaced indices, so that every part of a split (every file of a corpus) is sampled."""
-  from train import data as data_lib
   windows = data_lib.PackedSequences(tokens, seq_len)
   index = np.unique(np.linspace(0, len(windows) - 1, count).round().astype(int))
   return np.stack([windows[i] for i in index])
