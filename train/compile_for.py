@@ -41,6 +41,7 @@ from model import LM, ConfigError, ModelConfig, count_params, training_flops_per
 from model.config import check_context
 from model.decode import Sampling, generate
 from train import hlo, loop, optim
+from train.perf import CHIPS, Chip, GiB
 from train.objectives.lm import LanguageModeling
 from train import mesh as mesh_lib
 
@@ -50,28 +51,6 @@ PROGRAMS = ('train', 'eval', 'decode')
 
 class TopologyError(ValueError):
   """A --compile_for topology that libtpu cannot describe (or libtpu missing)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  name: str
-  hbm_bytes: float      # what the TPU compiler may lay a program out in
-  peak_flops: float     # dense bf16 matmul, per chip
-  hbm_bandwidth: float  # bytes/s
-
-
-# Peak bf16 FLOP/s and HBM bandwidth: the published per-chip figures of the Cloud TPU system
-# architecture pages (https://cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e). HBM: what
-# libtpu 0.0.42's compiler reports as available when a program does not fit ("exceeds available
-# HBM (15.75G)"), a little under the published 32 GiB (v4), 16 GiB (v5e), 95 GiB (v5p) and
-# 32 GB (v6e). Keyed by JAX's device_kind.
-_GiB = 2 ** 30
-CHIPS = {
-    'TPU v4': Chip('v4', 31.25 * _GiB, 275e12, 1200e9),
-    'TPU v5 lite': Chip('v5e', 15.75 * _GiB, 197e12, 819e9),
-    'TPU v5': Chip('v5p', 95.74 * _GiB, 459e12, 2765e9),
-    'TPU v6 lite': Chip('v6e', 31.25 * _GiB, 918e12, 1638e9),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,9 +147,9 @@ def _compile(name: str, lower, resident: float, chip: Chip,
     message = str(e).splitlines()[0]
     numbers = _EXHAUSTED.search(message)
     memory = dict(fits=False, error=message, resident=resident, hbm=chip.hbm_bytes,
-                  total=float(numbers.group(1)) * _GiB + resident if numbers else None)
+                  total=float(numbers.group(1)) * GiB + resident if numbers else None)
     if numbers:
-      memory['hbm'] = float(numbers.group(2)) * _GiB
+      memory['hbm'] = float(numbers.group(2)) * GiB
     return dict(name=name, compile_s=time.perf_counter() - start, memory=memory)
   report = dict(name=name, compile_s=time.perf_counter() - start,
                 memory=_memory(compiled, resident, chip))
@@ -304,21 +283,21 @@ def _memory_row(label: str, m: dict, unit: float) -> str:
   size = lambda x: f'{x / unit:.2f}'
   if 'error' in m:
     total = size(m['total']) if m['total'] else '?'
-    over = f', {(m["total"] - m["hbm"]) / _GiB:.2f} GiB over' if m['total'] else ''
-    return (f'{label:<30}{"the compiler ran out of HBM":>48}{total:>9}{m["hbm"] / _GiB:>9.2f}'
+    over = f', {(m["total"] - m["hbm"]) / GiB:.2f} GiB over' if m['total'] else ''
+    return (f'{label:<30}{"the compiler ran out of HBM":>48}{total:>9}{m["hbm"] / GiB:>9.2f}'
             f'  NO{over}')
   verdict = (f'yes, {100 * m["total"] / m["hbm"]:.1f}% of HBM' if m['fits'] else
-             f'NO, {(m["total"] - m["hbm"]) / _GiB:.2f} GiB over')
+             f'NO, {(m["total"] - m["hbm"]) / GiB:.2f} GiB over')
   return (f'{label:<30}{size(m["arguments"]):>10}{size(m["outputs"]):>9}'
           f'{size(m["temporaries"]):>13}{size(m["generated_code"]):>7}{size(m["resident"]):>9}'
-          f'{size(m["total"]):>9}{m["hbm"] / _GiB:>9.2f}  {verdict}')
+          f'{size(m["total"]):>9}{m["hbm"] / GiB:>9.2f}  {verdict}')
 
 
 def format_report(report: dict) -> str:
   chip = report['chip']
   programs = report['programs']
   totals = [p['memory']['total'] or 0 for p in programs.values()]
-  unit, unit_name = (_GiB, 'GiB') if max(totals, default=0) >= _GiB else (2 ** 20, 'MiB')
+  unit, unit_name = (GiB, 'GiB') if max(totals, default=0) >= GiB else (2 ** 20, 'MiB')
   lines = [
       f'compiled for {report["topology"]} (libtpu {report["libtpu"]}): {report["chips"]} '
       f'{chip["name"]} chip{"s" if report["chips"] > 1 else ""} in {report["hosts"]} '
@@ -401,7 +380,7 @@ def check_runs(runs: list[tuple[str, ml_collections.ConfigDict]], topology: str,
                  hours=estimate['step_s'] * steps / 3600,
                  chip_hours=estimate['step_s'] * steps / 3600 * report['chips'])
     rows.append(row)
-    total = f'{memory["total"] / _GiB:.2f}' if memory['total'] else '?'
+    total = f'{memory["total"] / GiB:.2f}' if memory['total'] else '?'
     timing = (f'{1e3 * row["step_s"]:>10.1f}{100 * row["mfu"]:>5.0f}%{steps:>8}'
               f'{row["hours"]:>8.3g}{row["chip_hours"]:>12.3g}' if estimate else
               f'{"":>16}{steps:>8}')

@@ -11,6 +11,7 @@ per device.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform as platform_lib
@@ -52,16 +53,34 @@ def measure_peak_flops(dtype: str = 'float32', n: int | None = None, repeats: in
   return 2.0 * n ** 3 / timed(matmul, a, b, repeats=repeats, statistic=np.min)
 
 
-# Dense bfloat16 matmul FLOP/s per chip, from the vendors' published figures (TPUs: the Cloud
-# TPU system architecture pages, as in train/compile_for.py; NVIDIA: the SXM parts' data sheets,
-# without sparsity). Keyed by a part of JAX's device_kind; MFU is quoted against this peak whatever
-# the compute dtype, as MaxText and PaLM quote it.
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  hbm_bytes: float      # what the TPU compiler may lay a program out in
+  peak_flops: float     # dense bf16 matmul, per chip
+  hbm_bandwidth: float  # bytes/s
+
+
+# Peak bf16 FLOP/s and HBM bandwidth: the published per-chip figures of the Cloud TPU system
+# architecture pages (https://cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e). HBM: what
+# libtpu 0.0.42's compiler reports as available when a program does not fit ("exceeds available
+# HBM (15.75G)"), a little under the published 32 GiB (v4), 16 GiB (v5e), 95 GiB (v5p) and
+# 32 GB (v6e). Keyed by JAX's device_kind.
+GiB = 2 ** 30
+CHIPS = {
+    'TPU v4': Chip('v4', 31.25 * GiB, 275e12, 1200e9),
+    'TPU v5 lite': Chip('v5e', 15.75 * GiB, 197e12, 819e9),
+    'TPU v5': Chip('v5p', 95.74 * GiB, 459e12, 2765e9),
+    'TPU v6 lite': Chip('v6e', 31.25 * GiB, 918e12, 1638e9),
+}
+
+
+# Dense bfloat16 matmul FLOP/s per chip, from the vendors' published figures (TPUs: CHIPS above;
+# NVIDIA: the SXM parts' data sheets, without sparsity). Keyed by a part of JAX's device_kind; MFU
+# is quoted against this peak whatever the compute dtype, as MaxText and PaLM quote it.
 KNOWN_PEAKS = {
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,   # v5e
-    'TPU v5p': 459e12,
-    'TPU v5': 459e12,        # v5p's device_kind
-    'TPU v6 lite': 918e12,   # v6e (Trillium)
+    **{kind: chip.peak_flops for kind, chip in CHIPS.items()},
+    'TPU v5p': CHIPS['TPU v5'].peak_flops,  # v5p's device_kind is 'TPU v5'
     'H100': 989e12,
     'H200': 989e12,
     'A100': 312e12,
