@@ -104,3 +104,13 @@ def test_eval_batches_cover_the_split_with_padding_weights():
   targets = np.concatenate([b['targets'] for b in batches])[weights[:, 0] > 0]
   np.testing.assert_array_equal(targets.ravel(), np.arange(1, 45))
   assert len(list(data.eval_batches(tokens, 4, 3, max_batches=2))) == 2
+
+
+def test_a_generated_task_is_prepared_without_tfds_download_words(tmp_path, capfd):
+  from experiments.grokking import arithmetic
+  task_cfg = ml_collections.ConfigDict(dict(operation='add', prime=7, train_fraction=0.5, seed=0,
+                                            tfds_data_dir=str(tmp_path)))
+  task = arithmetic.load(task_cfg)
+  assert len(task.train['targets']) + len(task.validation['targets']) == 49
+  out, err = capfd.readouterr()
+  assert 'Downloading' not in out + err and 'generating the arithmetic_table task' in err

@@ -163,10 +163,19 @@ def check_corpus(path: str, recorded: list[list]) -> None:
 # Documents per split.
 
 
+def _prepare(builder: tfds.core.DatasetBuilder, what: str) -> None:
+  """Prepares a local builder's files unless they exist, saying `what` it does. TFDS would print
+  "Downloading and preparing dataset": nothing is downloaded, so its words are kept out."""
+  if not builder.is_prepared():
+    with phase(what), contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare()
+
+
 def generated_records(builder: tfds.core.DatasetBuilder) -> dict[str, list[dict]]:
   """{split: every record} of a builder whose examples are generated in process (the synthetic
   tasks): prepared once as array_record files, read back with one batched read per split."""
-  builder.download_and_prepare()
+  _prepare(builder, f'generating the {builder.name} task as TFDS array_record files in '
+                    f'{builder.data_dir} (once per task configuration)')
   return {split: source.__getitems__(range(len(source)))
           for split, source in builder.as_data_source().items()}
 
@@ -176,11 +185,8 @@ def load_documents(data_cfg) -> dict[str, list[str]]:
   data_dir = data_cfg.tfds_data_dir or None
   if data_cfg.path and (os.path.exists(data_cfg.path) or not data_cfg.tfds_fallback):
     builder = text_corpus_builder(data_cfg.path, data_cfg.val_fraction, data_dir)
-    if not builder.is_prepared():
-      # TFDS would print "Downloading and preparing dataset": nothing is downloaded.
-      with phase(f'writing {data_cfg.path} as TFDS array_record files in {builder.data_dir} '
-                 f'(once per corpus)'), contextlib.redirect_stdout(io.StringIO()):
-        builder.download_and_prepare()
+    _prepare(builder, f'writing {data_cfg.path} as TFDS array_record files in '
+                      f'{builder.data_dir} (once per corpus)')
     sources = builder.as_data_source()
     docs = {split: _documents_by_id(sources[split], split) for split in ('train', 'validation')}
   else:
