@@ -16,7 +16,8 @@ from model.config import ConfigError
 from train import optim, step as step_lib
 from train.restore import load_run
 from train.checkpoint import CheckpointError, NonFiniteError
-from train.loop import train_and_evaluate
+from train.data import DataError
+from train.loop import Run, train_and_evaluate
 from train.mesh import MeshError
 from train.metric_writer import MetricWriter
 from train.workdir import RunError
@@ -331,3 +332,34 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tfds_dir, 
   with pytest.raises(CheckpointError, match=r'no checkpoint in .* can be restored: step 60 fails'
                                             r'.* delete .*checkpoints to train from scratch'):
     train_and_evaluate(config, workdir)
+
+
+def test_a_split_shorter_than_one_sequence_is_refused_at_start_up_naming_it(tfds_dir, tmp_path):
+  text = open(SHAKESPEARE).read()
+  workdir = str(tmp_path / 'run')
+  for chars, fraction, split in [(20, 0.1, 'the training split of 18 tokens'),
+                                 (3000, 0.005, 'the validation split of 15 tokens')]:
+    corpus = tmp_path / f'{chars}.txt'
+    corpus.write_text(text[:chars])
+    with pytest.raises(DataError, match=split + r' is shorter than one sequence of '
+                                              r'data.seq_len \+ 1 = 33'):
+      train_and_evaluate(run_config(tfds_dir, data=dict(path=str(corpus), val_fraction=fraction)),
+                         workdir)
+    assert not os.path.exists(workdir)
+
+
+def test_the_last_checkpoint_is_saved_before_the_final_evaluation(tfds_dir, tmp_path,
+                                                                   monkeypatch):
+  workdir = str(tmp_path / 'run')
+  config = run_config(tfds_dir, train=dict(num_steps=20, checkpoint_every=10, eval_every=0))
+
+  def failing(self, max_batches):
+    raise RuntimeError('the evaluation failed')
+
+  monkeypatch.setattr(Run, 'evaluate', failing)
+  with pytest.raises(RuntimeError, match='the evaluation failed'):
+    train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20']
+  monkeypatch.undo()
+  final = train_and_evaluate(config, workdir)  # nothing left to train: only the evaluation
+  assert final['step'] == 20 and final['val_tokens'] > 100_000

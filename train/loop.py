@@ -396,6 +396,11 @@ class Run:
         step += k
         if made:  # the batches' own metrics (a rollout's rewards) go to the call's last row
           rows.setdefault(step, {}).update(made, update_s=call_s)
+        # Saved before evaluating: an evaluation that fails loses no training.
+        interrupted = step < tc.num_steps and stop.requested()
+        if (step == tc.num_steps or interrupted
+            or (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0)):
+          self.checkpointer.save(step, self.state.params, self.state.opt_state, data_state)
         if step == tc.num_steps or (tc.eval_every > 0 and step % tc.eval_every == 0):
           whole = step == tc.num_steps
           final = self.evaluate(-1 if whole else tc.eval_batches)
@@ -406,10 +411,6 @@ class Run:
               + f': {describe(final)}')
         for s, row in rows.items():
           self.writer.write(s, row)
-        interrupted = step < tc.num_steps and stop.requested()
-        if (step == tc.num_steps or interrupted
-            or (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0)):
-          self.checkpointer.save(step, self.state.params, self.state.opt_state, data_state)
         if interrupted:
           self.checkpointer.wait()
           raise Interrupted(step, stop.signum)

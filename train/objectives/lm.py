@@ -23,9 +23,15 @@ class LanguageModeling(Objective):
   def data(self, workdir: str, start) -> Data:
     prepared = workdir_lib.load_data(workdir)
     if prepared is not None:
-      return Data(*prepared)
-    tokenizer = start.tokenizer if start is not None else None
-    return Data(*workdir_lib.build_data(self.config, tokenizer), built=True)
+      data = Data(*prepared)
+    else:
+      tokenizer = start.tokenizer if start is not None else None
+      data = Data(*workdir_lib.build_data(self.config, tokenizer), built=True)
+    # Each split holds one sequence at least: checked now, not at the first batch or the final
+    # evaluation, after the run has written its files and trained.
+    for name, split in (('the training', data.train), ('the validation', data.validation)):
+      data_lib.PackedSequences(split.tokens, self.config.data.seq_len, name)
+    return data
 
   def save(self, workdir: str, data: Data) -> None:
     workdir_lib.save_data(workdir, data.tokenizer, data.train, data.validation)
