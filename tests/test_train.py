@@ -175,7 +175,9 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(tfds_dir, tm
   train_and_evaluate(config, workdir)
   before = {f: os.path.getmtime(os.path.join(workdir, 'checkpoints', '20', f))
             for f in os.listdir(os.path.join(workdir, 'checkpoints', '20'))}
-  config.train.update(num_steps=40, lr=1e12, grad_clip=0.0, warmup_steps=0)
+  # A constant schedule: extending the run keeps the learning rate of its steps taken.
+  config.train.update(num_steps=40, lr=1e12, grad_clip=0.0, warmup_steps=0,
+                      schedule='constant')
   with pytest.raises(NonFiniteError, match=r'loss became (nan|inf) at step 2\d.*step 20, '
                                               r'is intact'):
     train_and_evaluate(config, workdir)
@@ -363,3 +365,24 @@ def test_the_last_checkpoint_is_saved_before_the_final_evaluation(tfds_dir, tmp_
   monkeypatch.undo()
   final = train_and_evaluate(config, workdir)  # nothing left to train: only the evaluation
   assert final['step'] == 20 and final['val_tokens'] > 100_000
+
+
+def test_resuming_with_another_num_steps_is_refused_where_it_changes_the_schedule(
+    tfds_dir, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'run')
+  config = run_config(tfds_dir, train=dict(num_steps=10, checkpoint_every=10, eval_every=0))
+  train_and_evaluate(config, workdir)  # cosine, warmup 5: steps 5..9 decay over 10 steps
+  before = snapshot(workdir)
+  for steps in (20, 8):
+    config.train.num_steps = steps
+    with pytest.raises(RunError, match=rf'train.num_steps: 10 -> {steps} .*--init_from='):
+      train_and_evaluate(config, workdir)
+  assert snapshot(workdir) == before
+  config.train.num_steps = 10  # the finished run, resumed as it was: evaluated again
+  assert train_and_evaluate(config, workdir)['step'] == 10
+  # Killed while still warming up (step 10 of 20 warmup steps): nothing has decayed yet.
+  early = str(tmp_path / 'early')
+  config.train.update(num_steps=30, checkpoint_every=5, warmup_steps=20)
+  train_until_killed(config, early, 10, monkeypatch)
+  config.train.num_steps = 40
+  assert train_and_evaluate(config, early)['step'] == 40

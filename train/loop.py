@@ -187,6 +187,35 @@ def describe(metrics: dict) -> str:
                    for k, v in metrics.items() if k.startswith('val_'))
 
 
+def check_length_kept(saved_num_steps: int, train_cfg, workdir: str) -> None:
+  """A resumed run may change train.num_steps only where that keeps the learning rate of every
+  step it has taken (the latest checkpoint's): a constant schedule, or one still warming up. A
+  decaying schedule stretched or cut would change them, and the run would not continue the
+  one it resumes: refused (RunError), naming the way to train further."""
+  tc, taken = train_cfg, _latest_saved_step(workdir)
+  if tc.num_steps == saved_num_steps or not taken:
+    return
+  steps = jnp.arange(taken)
+  kept = np.array_equal(optim.learning_rate_schedule(tc, saved_num_steps)(steps),
+                        optim.learning_rate_schedule(tc, tc.num_steps)(steps))
+  if tc.num_steps < taken or not kept:
+    why = (f'is below the step {taken} the run has reached' if tc.num_steps < taken else
+           f'changes the learning rate of the {taken} steps taken (train.schedule={tc.schedule} '
+           f'decays over train.num_steps)')
+    raise workdir_lib.RunError(
+        f'train.num_steps: {saved_num_steps} -> {tc.num_steps} {why}, so the run in {workdir} '
+        f'would not continue as it began. Resume with train.num_steps={saved_num_steps}; to '
+        f'train further, start a new run from its parameters (a new --workdir with '
+        f'--init_from={workdir}); train.schedule=constant runs can be extended.')
+
+
+def _latest_saved_step(workdir: str) -> int:
+  """The largest step under DIR/checkpoints (0 when none): the steps the run has taken."""
+  directory = os.path.join(workdir, 'checkpoints')
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return max((int(n) for n in names if n.isdigit()), default=0)
+
+
 def _checked_data(objective, workdir: str, start):
   """The objective's data (train.objectives.base.Data): the work directory's, else built in
   memory (with the start run's tokenizer when there is one). On several processes, process 0
@@ -220,6 +249,7 @@ class Run:
     saved = workdir_lib.load_config(workdir)
     if saved is not None:
       workdir_lib.check_compatible(saved, config, workdir)
+      check_length_kept(saved.train.num_steps, tc, workdir)
     self.objective = objectives.make(config)
     resuming = ckpt_lib.has_checkpoint(workdir)
     needs_frozen = self.objective.reference or config.lora.rank > 0
