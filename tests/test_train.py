@@ -348,6 +348,8 @@ def test_a_split_shorter_than_one_sequence_is_refused_at_start_up_naming_it(tfds
       train_and_evaluate(run_config(tfds_dir, data=dict(path=str(corpus), val_fraction=fraction)),
                          workdir)
     assert not os.path.exists(workdir)
+  # The corrected command then runs there.
+  train_and_evaluate(run_config(tfds_dir, train=dict(num_steps=10, eval_every=0)), workdir)
 
 
 def test_the_last_checkpoint_is_saved_before_the_final_evaluation(tfds_dir, tmp_path,
@@ -386,3 +388,28 @@ def test_resuming_with_another_num_steps_is_refused_where_it_changes_the_schedul
   train_until_killed(config, early, 10, monkeypatch)
   config.train.num_steps = 40
   assert train_and_evaluate(config, early)['step'] == 40
+
+
+def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_nothing_behind(tfds_dir,
+                                                                                 tmp_path):
+  quick = dict(num_steps=10, checkpoint_every=10, eval_every=0)
+  damaged = str(tmp_path / 'damaged')
+  train_and_evaluate(run_config(tfds_dir, train=quick), damaged)
+  with open(os.path.join(damaged, 'checkpoints', '10', 'params', '_METADATA'), 'w') as f:
+    f.write('{"tree_metadata": ')  # truncated
+  existing = tmp_path / 'existing'
+  existing.mkdir()
+  (existing / 'notes.txt').write_text('mine')
+  refused = [  # NaN at the first steps; a start run whose checkpoint cannot be read
+      (dict(train=dict(quick, lr=1e12, grad_clip=0.0, warmup_steps=0)), NonFiniteError),
+      (dict(train=dict(quick, init_from=damaged)), Exception)]
+  listing = lambda: sorted(os.listdir(tmp_path))  # noqa: E731
+  for workdir in (str(tmp_path / 'new' / 'run'), str(existing)):
+    before = (listing(), sorted(os.listdir(existing)))
+    for sections, error in refused:
+      with pytest.raises(error):
+        train_and_evaluate(run_config(tfds_dir, **sections), workdir)
+      assert (listing(), sorted(os.listdir(existing))) == before
+    train_and_evaluate(run_config(tfds_dir, train=quick), workdir)  # the corrected command
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10']
+  assert 'notes.txt' in os.listdir(existing)
