@@ -223,7 +223,8 @@ class Run:
   """One training run: everything built from the config and the work directory, then `train`.
 
   Every check runs before anything is written: a refused config leaves the work directory as it
-  found it (or absent)."""
+  found it (or absent); so does a new run that fails later but before its first checkpoint
+  (`train_and_evaluate` removes what it wrote)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                evaluators: Sequence[Callable] = ()):
