@@ -132,6 +132,27 @@ def test_an_unknown_topology_or_missing_libtpu_is_one_clear_error(monkeypatch):
     compile_for.topology_devices('v5e:2x2')
 
 
+def test_every_compile_for_refusal_leaves_the_work_directory_as_it_found_it(tmp_path,
+                                                                           monkeypatch):
+  existing = tmp_path / 'run'
+  existing.mkdir()
+  (existing / 'notes.txt').write_text('mine')
+  no_vocabulary = tiny_run(data=4)
+  no_vocabulary.model.vocab_size = 0
+  for workdir in (tmp_path / 'new' / 'compiled', existing):
+    for config, topology, error in [(tiny_run(data=4), 'v5litepod-16', TopologyError),
+                                    (no_vocabulary, 'v5e:2x2', ConfigError),
+                                    (tiny_run(data=3), 'v5e:2x2', mesh_lib.MeshError)]:
+      with pytest.raises(error):
+        compile_for.compile_for(config, str(workdir), topology)
+    with monkeypatch.context() as m:
+      m.setitem(sys.modules, 'libtpu', None)  # as if not installed
+      with pytest.raises(TopologyError, match='needs libtpu'):
+        compile_for.compile_for(tiny_run(data=4), str(workdir), 'v5e:2x2')
+  assert not os.path.exists(tmp_path / 'new')
+  assert os.listdir(existing) == ['notes.txt']
+
+
 def test_without_a_vocabulary_size_compile_for_says_to_set_it():
   config = tiny_run(data=4)
   config.model.vocab_size = 0

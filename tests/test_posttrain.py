@@ -18,7 +18,7 @@ from model import LM
 from model.config import ConfigError
 from train import chat, lora, step as step_lib
 from train.data import DataError
-from train.loop import train_and_evaluate
+from train.loop import Window, train_and_evaluate
 from train.objectives import dpo as dpo_lib
 from train.objectives import reward as reward_lib
 from train.objectives import rl
@@ -400,7 +400,8 @@ def rl_run_config(r, prompts: str, rl_settings: dict, **train):
                  log_every=2, checkpoint_every=0, **train))
 
 
-def test_grpo_raises_its_reward_and_a_failing_reward_function_names_the_example(sft_run):
+def test_grpo_raises_its_reward_and_a_failing_reward_function_names_the_example(sft_run,
+                                                                              monkeypatch):
   r = sft_run
   prompts = write_lines(r['directory'] / 'prompts.jsonl', [
       json.dumps({'prompt': f'{a}+{b}?', 'answer': a + b}) for a in range(10) for b in range(8)])
@@ -408,7 +409,23 @@ def test_grpo_raises_its_reward_and_a_failing_reward_function_names_the_example(
                                            group_size=4, num_minibatches=2, beta=0.0),
                          num_steps=24, objective='grpo', lr=3e-3, batch_size=8)
   grpo = str(r['directory'] / 'grpo')
+  # Spies: the shapes of the batches each call trains on, the tokens the loop counts for it.
+  shapes, counted = [], []
+  make_batches, add_call = rl.OnPolicy.batches, Window.add_call
+
+  def recording(self, run, k, step):
+    batches, metrics = make_batches(self, run, k, step)
+    shapes.append(batches['inputs'].shape)
+    return batches, metrics
+
+  monkeypatch.setattr(rl.OnPolicy, 'batches', recording)
+  monkeypatch.setattr(Window, 'add_call',
+                      lambda self, tokens: counted.append(tokens) or add_call(self, tokens))
   train_and_evaluate(config, grpo)
+  monkeypatch.undo()
+  # A call: 2 updates (ppo_epochs 1 x 2 minibatches), each on 8 prompts x 4 answers / 2 = 16
+  # rows of the prompt and answer less its last token, 32 - 1: 2 x 16 x 31 = 992 tokens.
+  assert set(shapes) == {(2, 16, 31)} and counted == [992] * 12
   with open(os.path.join(grpo, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f if 'reward' in line]
   rewards = [row['reward'] for row in rows if 'reward' in row]
@@ -420,6 +437,7 @@ def test_grpo_raises_its_reward_and_a_failing_reward_function_names_the_example(
   with pytest.raises(RewardError, match=r'the reward function failed on step 0, answer 0 '
                                         r'\(prompt .*ZeroDivisionError'):
     train_and_evaluate(config, str(r['directory'] / 'broken'))
+  assert not os.path.exists(r['directory'] / 'broken')  # failed before its first checkpoint
 
 
 def test_ppo_against_a_reward_model_scores_each_answer_as_the_model_does_alone(sft_run,
@@ -453,6 +471,12 @@ def test_ppo_against_a_reward_model_scores_each_answer_as_the_model_does_alone(s
                                           tokens[i:i + 1, :lengths[i] + new[i]],
                                           head='scalar')[0, -1]) for i in range(3)]
   np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-5)
+
+  # A run that is not a reward model, refused before the new run writes anything.
+  config.rl.reward_model = r['sft']
+  with pytest.raises(ConfigError, match='is not a reward model'):
+    train_and_evaluate(config, str(r['directory'] / 'not_a_reward_model'))
+  assert not os.path.exists(r['directory'] / 'not_a_reward_model')
 
   for both in (dict(reward='tests.test_posttrain:sevens'), dict(reward_model='')):
     config.rl.update(reward_model=reward_dir, reward='')

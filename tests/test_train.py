@@ -17,7 +17,7 @@ from train import optim, step as step_lib
 from train.restore import load_run
 from train.checkpoint import CheckpointError, NonFiniteError
 from train.data import DataError
-from train.loop import train_and_evaluate
+from train.loop import Run, train_and_evaluate
 from train.mesh import MeshError
 from train.metric_writer import MetricWriter
 from train.workdir import RunError
@@ -175,7 +175,9 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(tfds_dir, tm
   train_and_evaluate(config, workdir)
   before = {f: os.path.getmtime(os.path.join(workdir, 'checkpoints', '20', f))
             for f in os.listdir(os.path.join(workdir, 'checkpoints', '20'))}
-  config.train.update(num_steps=40, lr=1e12, grad_clip=0.0, warmup_steps=0)
+  # A constant schedule: extending the run keeps the learning rate of its steps taken.
+  config.train.update(num_steps=40, lr=1e12, grad_clip=0.0, warmup_steps=0,
+                      schedule='constant')
   with pytest.raises(NonFiniteError, match=r'loss became (nan|inf) at step 2\d.*step 20, '
                                               r'is intact'):
     train_and_evaluate(config, workdir)
@@ -352,3 +354,82 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tfds_dir, 
   with pytest.raises(CheckpointError, match=r'no checkpoint in .* can be restored: step 60 fails'
                                             r'.* delete .*checkpoints to train from scratch'):
     train_and_evaluate(config, workdir)
+
+
+def test_a_split_shorter_than_one_sequence_is_refused_at_start_up_naming_it(tfds_dir, tmp_path):
+  text = open(SHAKESPEARE).read()
+  workdir = str(tmp_path / 'run')
+  for chars, fraction, split in [(20, 0.1, 'the training split of 18 tokens'),
+                                 (3000, 0.005, 'the validation split of 15 tokens')]:
+    corpus = tmp_path / f'{chars}.txt'
+    corpus.write_text(text[:chars])
+    with pytest.raises(DataError, match=split + r' is shorter than one sequence of '
+                                              r'data.seq_len \+ 1 = 33'):
+      train_and_evaluate(run_config(tfds_dir, data=dict(path=str(corpus), val_fraction=fraction)),
+                         workdir)
+    assert not os.path.exists(workdir)
+  # The corrected command then runs there.
+  train_and_evaluate(run_config(tfds_dir, train=dict(num_steps=10, eval_every=0)), workdir)
+
+
+def test_the_last_checkpoint_is_saved_before_the_final_evaluation(tfds_dir, tmp_path,
+                                                                   monkeypatch):
+  workdir = str(tmp_path / 'run')
+  config = run_config(tfds_dir, train=dict(num_steps=20, checkpoint_every=10, eval_every=0))
+
+  def failing(self, max_batches):
+    raise RuntimeError('the evaluation failed')
+
+  monkeypatch.setattr(Run, 'evaluate', failing)
+  with pytest.raises(RuntimeError, match='the evaluation failed'):
+    train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20']
+  monkeypatch.undo()
+  final = train_and_evaluate(config, workdir)  # nothing left to train: only the evaluation
+  assert final['step'] == 20 and final['val_tokens'] > 100_000
+
+
+def test_resuming_with_another_num_steps_is_refused_where_it_changes_the_schedule(
+    tfds_dir, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'run')
+  config = run_config(tfds_dir, train=dict(num_steps=10, checkpoint_every=10, eval_every=0))
+  train_and_evaluate(config, workdir)  # cosine, warmup 5: steps 5..9 decay over 10 steps
+  before = snapshot(workdir)
+  for steps in (20, 8):
+    config.train.num_steps = steps
+    with pytest.raises(RunError, match=rf'train.num_steps: 10 -> {steps} .*--init_from='):
+      train_and_evaluate(config, workdir)
+  assert snapshot(workdir) == before
+  config.train.num_steps = 10  # the finished run, resumed as it was: evaluated again
+  assert train_and_evaluate(config, workdir)['step'] == 10
+  # Killed while still warming up (step 10 of 20 warmup steps): nothing has decayed yet.
+  early = str(tmp_path / 'early')
+  config.train.update(num_steps=30, checkpoint_every=5, warmup_steps=20)
+  train_until_killed(config, early, 10, monkeypatch)
+  config.train.num_steps = 40
+  assert train_and_evaluate(config, early)['step'] == 40
+
+
+def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_nothing_behind(tfds_dir,
+                                                                                 tmp_path):
+  quick = dict(num_steps=10, checkpoint_every=10, eval_every=0)
+  damaged = str(tmp_path / 'damaged')
+  train_and_evaluate(run_config(tfds_dir, train=quick), damaged)
+  with open(os.path.join(damaged, 'checkpoints', '10', 'params', '_METADATA'), 'w') as f:
+    f.write('{"tree_metadata": ')  # truncated
+  existing = tmp_path / 'existing'
+  existing.mkdir()
+  (existing / 'notes.txt').write_text('mine')
+  refused = [  # NaN at the first steps; a start run whose checkpoint cannot be read
+      (dict(train=dict(quick, lr=1e12, grad_clip=0.0, warmup_steps=0)), NonFiniteError),
+      (dict(train=dict(quick, init_from=damaged)), Exception)]
+  listing = lambda: sorted(os.listdir(tmp_path))  # noqa: E731
+  for workdir in (str(tmp_path / 'new' / 'run'), str(existing)):
+    before = (listing(), sorted(os.listdir(existing)))
+    for sections, error in refused:
+      with pytest.raises(error):
+        train_and_evaluate(run_config(tfds_dir, **sections), workdir)
+      assert (listing(), sorted(os.listdir(existing))) == before
+    train_and_evaluate(run_config(tfds_dir, train=quick), workdir)  # the corrected command
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10']
+  assert 'notes.txt' in os.listdir(existing)

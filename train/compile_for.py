@@ -4,9 +4,10 @@
 
 libtpu describes the devices of any slice (`jax.experimental.topologies`) and JAX compiles for
 them with the TPU compiler itself. The mesh is built from those devices by the same `config.mesh`
-rules as a run's, and the programs are a run's own: `train.loop.compiled_calls` (the multi-step
-train call of train.steps_per_call steps, and the eval step) and `model.decode.generate` (what
-`python -m eval.sample` runs at its defaults, one sample up to the training context). Nothing runs
+rules as a run's, and the programs are a run's own: `train.loop.train_call` (the multi-step
+train call of train.steps_per_call steps), `train.evaluate.sharded_eval_step` and
+`model.decode.generate` (what `python -m eval.sample` runs at its defaults, one sample up to the
+training context). Nothing runs
 and no data is read: the vocabulary is model.vocab_size. Per chip, printed and written to
 DIR/compile.json (beside the compiled programs' HLO text, DIR/<program>.hlo.txt):
 
@@ -40,7 +41,8 @@ import ml_collections
 from model import LM, ConfigError, ModelConfig, count_params, training_flops_per_token
 from model.config import check_context
 from model.decode import Sampling, generate
-from train import hlo, loop, optim
+from train import hlo, loop, optim, workdir as workdir_lib
+from train.evaluate import sharded_eval_step
 from train.perf import CHIPS, Chip, GiB
 from train.objectives.lm import LanguageModeling
 from train import mesh as mesh_lib
@@ -202,9 +204,10 @@ def compile_run(config: ml_collections.ConfigDict, topology: str,
   model = LM(model_cfg)
   optimizer = optim.make_optimizer(tc)
   state = loop.abstract_state(model, optimizer, mesh)  # refuses a mesh the parameters do not fit
-  multi_step, eval_step = loop.compiled_calls(model, optimizer, tc, mesh,
-                                              jax.tree.map(lambda x: x.sharding, state),
-                                              LanguageModeling(config))
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  objective = LanguageModeling(config)
+  multi_step = loop.train_call(model, optimizer, tc, mesh, shardings, objective.loss_fn)
+  eval_step = sharded_eval_step(objective, model, mesh, shardings.params, shardings.frozen)
   steps, L = tc.steps_per_call, dc.seq_len
   counts = count_params(model_cfg)
   report = dict(topology=topology, chip=dataclasses.asdict(chip), chips=len(devices),
@@ -342,11 +345,12 @@ def format_report(report: dict) -> str:
 def compile_for(config: ml_collections.ConfigDict, workdir: str, topology: str) -> dict:
   """`python -m train --compile_for=TOPOLOGY`: compiles, prints the report, writes
   DIR/compile.json and the compiled programs, DIR/<program>.hlo.txt."""
-  os.makedirs(workdir, exist_ok=True)
-  report = compile_run(config, topology, hlo_dir=workdir)
-  path = os.path.join(workdir, REPORT_FILE)
-  with open(path, 'w') as f:
-    json.dump(report, f, indent=1)
+  with workdir_lib.undone_on_failure(workdir):  # a refusal leaves no half-written directory
+    os.makedirs(workdir, exist_ok=True)
+    report = compile_run(config, topology, hlo_dir=workdir)
+    path = os.path.join(workdir, REPORT_FILE)
+    with open(path, 'w') as f:
+      json.dump(report, f, indent=1)
   print(format_report(report))
   print(f'wrote {path}')
   return report

@@ -289,13 +289,14 @@ class PackedSequences:
   """Random access to the stream cut into (seq_len + 1)-token windows: window i starts at
   i * seq_len, so consecutive windows share one token and each token is predicted once."""
 
-  def __init__(self, tokens: np.ndarray, seq_len: int):
+  def __init__(self, tokens: np.ndarray, seq_len: int, split: str = 'a'):
     self.tokens = tokens
     self.seq_len = seq_len
     self.num = (len(tokens) - 1) // seq_len
     if self.num < 1:
-      raise DataError(f'a split of {len(tokens)} tokens is shorter than one sequence of '
-                      f'{seq_len + 1}; use more text or a shorter data.seq_len')
+      raise DataError(f'{split} split of {len(tokens)} tokens is shorter than one sequence of '
+                      f'data.seq_len + 1 = {seq_len + 1}; use more text (data.val_fraction for '
+                      f'the validation split) or a shorter data.seq_len')
 
   def __len__(self) -> int:
     return self.num

@@ -8,7 +8,6 @@ import numpy as np
 
 from model import LM
 from train import executables, mesh as mesh_lib
-from train.objectives import Objective
 from train.progress import bar, phase
 from train.state import Layout
 
@@ -35,10 +34,10 @@ def compile_eval_step(eval_step, spec: dict, mesh, params, frozen):
     return executables.compile(eval_step.lower(params, frozen, batch), mesh)
 
 
-def evaluate(eval_step, params, frozen, objective: Objective, data, mesh,
+def evaluate(eval_step, params, frozen, objective, data, mesh,
              max_batches: int = -1) -> dict[str, float]:
-  """The objective's validation metrics over its evaluation batches, laid out on `mesh`: this
-  process loads only its block of each batch's rows."""
+  """The objective's (train.objectives.Objective's) validation metrics over its evaluation
+  batches, laid out on `mesh`: this process loads only its block of each batch's rows."""
   batch_size = objective.config.train.eval_batch_size
   mesh_lib.check_batch(batch_size, mesh, 'train.eval_batch_size')
   sharding = mesh_lib.batch_sharding(mesh)

@@ -30,7 +30,6 @@ from train import data as data_lib
 from train import mesh as mesh_lib
 from train import objectives, optim, perf, step as step_lib, workdir as workdir_lib
 from train.checkpoint import NonFiniteError
-from train.evaluate import compile_eval_step, evaluate, sharded_eval_step
 from train.metric_writer import MetricWriter
 from train.preemption import Interrupted, StopRequest
 from train.progress import Progress, phase
@@ -113,19 +112,6 @@ def train_call(model: LM, optimizer, train_cfg, mesh, shardings, loss_fn=None,
   return sharded_multi_step(train_step, mesh, shardings)
 
 
-def compiled_calls(model: LM, optimizer, train_cfg, mesh, shardings, objective,
-                   layout: Layout | None = None):
-  """What a run compiles: (the multi-step train call, the eval step or None) on `mesh`, for the
-  objective's loss and evaluation on the parameters the layout turns into the model's."""
-  layout = layout or Layout(model)
-  eval_step = None
-  if not getattr(objective, 'on_policy', False):  # those evaluate by generating
-    eval_step = sharded_eval_step(objective, model, mesh, shardings.params, shardings.frozen,
-                                  layout)
-  return (train_call(model, optimizer, train_cfg, mesh, shardings, objective.loss_fn, layout),
-          eval_step)
-
-
 def sharded_multi_step(train_step, mesh, shardings):
   """`make_multi_step(train_step)` as one jit over the mesh: the state (donated) and the stacked
   batches (K, B, L) go in with their shardings; metrics come out replicated, so every process
@@ -170,11 +156,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `evaluators`, `fn(params, step) -> dict`, runs at every evaluation (the periodic ones and the
   last) and its metrics join the validation metrics in that step's row."""
   start_time = time.time()
-  run = Run(config, workdir, evaluators)
-  try:
-    final = run.train()
-  finally:  # also on errors and interruptions: finish the checkpoint in flight, flush the logs
-    run.close()
+  # A run that fails before its first checkpoint (a refusal, NaN at the first steps) had nothing
+  # worth keeping: what it wrote goes, so the corrected command starts afresh in the directory.
+  with workdir_lib.undone_on_failure(workdir, keep=lambda: ckpt_lib.has_checkpoint(workdir),
+                                     enabled=jax.process_index() == 0):
+    run = Run(config, workdir, evaluators)
+    try:
+      final = run.train()
+    finally:  # also on errors and interruptions: finish the checkpoint in flight, flush the logs
+      run.close()
   final = dict(final, wall_s=time.time() - start_time)
   if run.chief:
     print(f'done: step {final["step"]}, {describe(final)}, wall {final["wall_s"]:.1f}s')
@@ -185,6 +175,35 @@ def describe(metrics: dict) -> str:
   """'val_loss 1.6743, val_perplexity 5.335, ...': the validation metrics, counts as counts."""
   return ', '.join(f'{k} {v:,}' if isinstance(v, int) else f'{k} {v:.4g}'
                    for k, v in metrics.items() if k.startswith('val_'))
+
+
+def check_length_kept(saved_num_steps: int, train_cfg, workdir: str) -> None:
+  """A resumed run may change train.num_steps only where that keeps the learning rate of every
+  step it has taken (the latest checkpoint's): a constant schedule, or one still warming up. A
+  decaying schedule stretched or cut would change them, and the run would not continue the
+  one it resumes: refused (RunError), naming the way to train further."""
+  tc, taken = train_cfg, _latest_saved_step(workdir)
+  if tc.num_steps == saved_num_steps or not taken:
+    return
+  steps = jnp.arange(taken)
+  kept = np.array_equal(optim.learning_rate_schedule(tc, saved_num_steps)(steps),
+                        optim.learning_rate_schedule(tc, tc.num_steps)(steps))
+  if tc.num_steps < taken or not kept:
+    why = (f'is below the step {taken} the run has reached' if tc.num_steps < taken else
+           f'changes the learning rate of the {taken} steps taken (train.schedule={tc.schedule} '
+           f'decays over train.num_steps)')
+    raise workdir_lib.RunError(
+        f'train.num_steps: {saved_num_steps} -> {tc.num_steps} {why}, so the run in {workdir} '
+        f'would not continue as it began. Resume with train.num_steps={saved_num_steps}; to '
+        f'train further, start a new run from its parameters (a new --workdir with '
+        f'--init_from={workdir}); train.schedule=constant runs can be extended.')
+
+
+def _latest_saved_step(workdir: str) -> int:
+  """The largest step under DIR/checkpoints (0 when none): the steps the run has taken."""
+  directory = os.path.join(workdir, 'checkpoints')
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return max((int(n) for n in names if n.isdigit()), default=0)
 
 
 def _checked_data(objective, workdir: str, start):
@@ -204,10 +223,19 @@ class Run:
   """One training run: everything built from the config and the work directory, then `train`.
 
   Every check runs before anything is written: a refused config leaves the work directory as it
-  found it (or absent)."""
+  found it (or absent); so does a new run that fails later but before its first checkpoint
+  (`train_and_evaluate` removes what it wrote)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                evaluators: Sequence[Callable] = ()):
+    try:
+      self._build(config, workdir, evaluators)
+    except BaseException:  # releases the lock and the files it opened
+      self.close()
+      raise
+
+  def _build(self, config: ml_collections.ConfigDict, workdir: str,
+             evaluators: Sequence[Callable]) -> None:
     tc, dc = config.train, config.data
     self.evaluators = tuple(evaluators)
     self.chief = jax.process_index() == 0
@@ -220,6 +248,7 @@ class Run:
     saved = workdir_lib.load_config(workdir)
     if saved is not None:
       workdir_lib.check_compatible(saved, config, workdir)
+      check_length_kept(saved.train.num_steps, tc, workdir)
     self.objective = objectives.make(config)
     resuming = ckpt_lib.has_checkpoint(workdir)
     needs_frozen = self.objective.reference or config.lora.rank > 0
@@ -234,6 +263,7 @@ class Run:
                          config.lora if config.lora.rank > 0 else None)
     optimizer = optim.make_optimizer(tc)
     shardings = state_shardings(model, optimizer, self.mesh, self.layout)  # the mesh fits
+    self.objective.prepare(self)
 
     # Checked: from here on the run writes.
     self.config = config = ml_collections.ConfigDict(config.to_dict())
@@ -276,23 +306,19 @@ class Run:
         self.objective.train_dataset(self.data, *mesh_lib.process_batch_block(self.mesh)),
         start=data_start)
 
-    self.multi_step, self.eval_step = compiled_calls(model, optimizer, tc, self.mesh, shardings,
-                                                     self.objective, self.layout)
+    self.multi_step = train_call(model, optimizer, tc, self.mesh, shardings,
+                                 self.objective.loss_fn, self.layout)
     self.steps_sharding = mesh_lib.batch_sharding(self.mesh, leading_axes=1)
     self.compiled = {}  # steps per call -> the compiled multi-step
     self.compile_s = 0.0
-    self.eval_compiled = None
     self.flops_per_token = training_flops_per_token(self.model_cfg, dc.seq_len)
     self.peak, self.peak_source = perf.peak(self.model_cfg.dtype, tc.peak_flops)
     self.progress = Progress(tc.num_steps, int(self.state.step), enabled=self.chief)
-    self.on_policy = getattr(self.objective, 'on_policy', False)
-    if self.on_policy:
-      self.objective.prepare(self)
 
   def evaluate(self, max_batches: int) -> dict:
     """The validation metrics on `max_batches` batches (all when negative), and the
     evaluators'."""
-    metrics = self._validation(max_batches)
+    metrics = self.objective.evaluate(self, max_batches)
     for evaluator in self.evaluators:
       metrics.update(evaluator(self.model_params(), int(self.state.step)))
     return metrics
@@ -300,15 +326,6 @@ class Run:
   def model_params(self):
     """The parameters the model applies now (LoRA's merged with the base)."""
     return self.layout.model_params(self.state.params, self.state.frozen)
-
-  def _validation(self, max_batches: int) -> dict:
-    if self.on_policy:  # evaluated by generating
-      return self.objective.evaluate_run(self, max_batches)
-    if self.eval_compiled is None:
-      self.eval_compiled = compile_eval_step(self.eval_step, self.objective.eval_spec(),
-                                             self.mesh, self.state.params, self.state.frozen)
-    return evaluate(self.eval_compiled, self.state.params, self.state.frozen, self.objective,
-                    self.data, self.mesh, max_batches)
 
   def report_start(self) -> None:
     counts = count_params(self.model_cfg)
@@ -331,15 +348,16 @@ class Run:
         f'{bytes_per_device(self.state.params) / 2**20:.2f} MiB parameters and '
         f'{bytes_per_device(self.state.opt_state) / 2**20:.2f} MiB optimizer state per device; '
         f'MFU peak {self.peak / 1e9:,.0f} GFLOP/s ({self.peak_source})\n'
-        f'batch: {tc.batch_size} x {dc.seq_len} tokens per step, '
-        f'{tc.batch_size // mesh_lib.batch_shards(self.mesh)} sequences per device; '
+        f'batch: {tc.batch_size} examples of {dc.seq_len} tokens, '
+        f'{tc.batch_size // mesh_lib.batch_shards(self.mesh)} sequences per device, '
+        f'{self.objective.tokens_per_step():,} tokens per step; '
         f'{start} in {self.workdir}')
 
   def _call_sizes(self, step: int) -> Iterator[int]:
-    """Steps of each compiled call from `step` on: `steps_per_call` (an on-policy objective's
-    updates per rollout), cut so that calls end on evaluation and checkpoint steps."""
+    """Steps of each compiled call from `step` on: the objective's steps per call, cut so that
+    calls end on evaluation and checkpoint steps."""
     tc = self.config.train
-    per_call = (self.objective.updates_per_rollout() if self.on_policy else tc.steps_per_call)
+    per_call = self.objective.steps_per_call()
     while step < tc.num_steps:
       k = min(per_call, tc.num_steps - step)
       for every in (tc.eval_every, tc.checkpoint_every):
@@ -349,12 +367,11 @@ class Run:
       step += k
 
   def _next_batches(self, k: int, step: int):
-    """(the next call's k batches on the devices, metrics of making them). An on-policy
-    objective makes them from one batch of prompts with the current parameters (a rollout)."""
-    if not self.on_policy:
-      return mesh_lib.put_batch(self.iterator.next(k), self.steps_sharding), {}
-    prompts = {name: x[0] for name, x in self.iterator.next(1).items()}
-    batches, metrics = self.objective.rollout(self.state, prompts, step)
+    """(the objective's next k batches on the devices, metrics of making them); (None, {})
+    past the last call."""
+    if not k:
+      return None, {}
+    batches, metrics = self.objective.batches(self, k, step)
     return mesh_lib.put_batch(batches, self.steps_sharding), metrics
 
   def _executable(self, k: int, batches):
@@ -369,15 +386,16 @@ class Run:
 
   def train(self) -> dict:
     """The loop. Each call is dispatched, then the next call's batches are prepared and placed
-    while the device computes, and only then are the call's metrics read back. (On-policy
-    objectives make the next batches from the updated parameters: after the read.)"""
+    while the device computes, and only then are the call's metrics read back; batches made
+    from the parameters (`batches_read_params`, a rollout) are made after the update instead."""
     tc = self.config.train
-    tokens_per_step = tc.batch_size * self.objective.tokens_per_example()
+    tokens_per_step = self.objective.tokens_per_step()
+    ahead = not self.objective.batches_read_params
     self.report_start()
     step = int(self.state.step)
     sizes = self._call_sizes(step)
     k = next(sizes, 0)
-    batches, made = self._next_batches(k, step) if k else (None, {})
+    batches, made = self._next_batches(k, step)
     window = Window()
     final = None
     with StopRequest() as stop:
@@ -387,8 +405,8 @@ class Run:
         self.state, metrics = executable(self.state, batches)
         data_state = self.iterator.state()  # the position after this call's batches
         next_k = next(sizes, 0)
-        if not self.on_policy:
-          batches, next_made = self._next_batches(next_k, step + k) if next_k else (None, {})
+        if ahead:
+          batches, next_made = self._next_batches(next_k, step + k)
         losses, grad_norms = jax.device_get((metrics['loss'], metrics['grad_norm']))
         self._stop_on_non_finite(step, losses, grad_norms)
         call_s = window.add_call(k * tokens_per_step)
@@ -396,6 +414,11 @@ class Run:
         step += k
         if made:  # the batches' own metrics (a rollout's rewards) go to the call's last row
           rows.setdefault(step, {}).update(made, update_s=call_s)
+        # Saved before evaluating: an evaluation that fails loses no training.
+        interrupted = step < tc.num_steps and stop.requested()
+        if (step == tc.num_steps or interrupted
+            or (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0)):
+          self.checkpointer.save(step, self.state.params, self.state.opt_state, data_state)
         if step == tc.num_steps or (tc.eval_every > 0 and step % tc.eval_every == 0):
           whole = step == tc.num_steps
           final = self.evaluate(-1 if whole else tc.eval_batches)
@@ -406,15 +429,11 @@ class Run:
               + f': {describe(final)}')
         for s, row in rows.items():
           self.writer.write(s, row)
-        interrupted = step < tc.num_steps and stop.requested()
-        if (step == tc.num_steps or interrupted
-            or (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0)):
-          self.checkpointer.save(step, self.state.params, self.state.opt_state, data_state)
         if interrupted:
           self.checkpointer.wait()
           raise Interrupted(step, stop.signum)
-        if self.on_policy:
-          batches, next_made = self._next_batches(next_k, step) if next_k else (None, {})
+        if not ahead:
+          batches, next_made = self._next_batches(next_k, step)
         k, made = next_k, next_made
     if final is None:  # resumed a finished run: report its validation metrics again
       final = self.evaluate(-1)
@@ -468,7 +487,7 @@ class Run:
         if closing == 'checkpointer':
           self.checkpointer.wait()
         getattr(self, closing).close()
-    if self.lock is not None:
+    if getattr(self, 'lock', None) is not None:
       self.lock.release()
 
 

@@ -9,10 +9,13 @@ in a directory: `Lock` refuses a second one, and a killed process leaves no stal
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
+from typing import Callable
 
 import ml_collections
 
@@ -214,3 +217,31 @@ class Lock:
     if not self._file.closed:
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()
+
+
+@contextlib.contextmanager
+def undone_on_failure(workdir: str, keep: Callable[[], bool] = lambda: False,
+                      enabled: bool = True):
+  """Runs the block; when it raises and `keep()` is false (e.g. no checkpoint was written),
+  removes what it created in `workdir`: the entries that were not there before, or the directory
+  itself, with the parents made for it, when it did not exist. So a refused or failed new run
+  leaves the directory as it found it, and the corrected command starts afresh there."""
+  path = os.path.abspath(workdir)
+  top = path  # the outermost directory that does not exist yet
+  while not os.path.exists(os.path.dirname(top)):
+    top = os.path.dirname(top)
+  before = set(os.listdir(path)) if os.path.isdir(path) else None
+  try:
+    yield
+  except BaseException:
+    if enabled and not keep():
+      if before is None:
+        shutil.rmtree(top, ignore_errors=True)
+      else:
+        for name in set(os.listdir(path)) - before:
+          entry = os.path.join(path, name)
+          if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+          else:
+            os.remove(entry)
+    raise

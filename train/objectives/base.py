@@ -5,16 +5,25 @@ The loop calls, in this order:
   data(workdir, start)             (tokenizer, train, validation, template), loaded from the work
                                    directory or built in memory; `start` is the run it starts
                                    from (train.init_from) or None
+  prepare(run)                     once the run's model, data and layout are built, before it
+                                   writes anything: what the objective needs of the run, and
+                                   the checks that need it (nothing by default)
   save(workdir, data)              writes what `data` built (process 0, once every check passed)
   train_dataset(data, p, P)        a grain MapDataset of this process's rows of each batch
   loss_fn(model)                   loss_fn(params, batch, rng, frozen) -> (loss sum, aux), as
                                    train/step.py describes
-  eval_batches / eval_spec / eval_fn / summarize
-                                   the validation metrics: eval_fn(params, frozen, batch) ->
-                                   {sum: value, 'weight': ...} over the batches, then summarize
+  steps_per_call()                 optimizer steps of one compiled call
+  batches(run, k, step)            the next call's k batches, stacked, and metrics of making them
+                                   (default: read from the run's iterator)
+  tokens_per_step()                tokens one optimizer step trains on, for tokens/s and MFU
+  evaluate(run, max_batches)       the validation metrics; by default eval_fn(params, frozen,
+                                   batch) -> {sum: value, 'weight': ...} compiled over the mesh,
+                                   summed over eval_batches, then `summarize`d
 
-`head` is the model's output ('logits', or 'scalar' for a reward model) and `reference` says
-whether the loss reads the frozen starting parameters (DPO's reference model).
+`head` is the model's output ('logits', or 'scalar' for a reward model), `reference` says
+whether the loss reads the frozen starting parameters (DPO's reference model), and
+`batches_read_params` whether the batches are made from the current parameters (a rollout): the
+loop then makes them after a call's update rather than while the device computes it.
 """
 
 from __future__ import annotations
@@ -23,10 +32,12 @@ import dataclasses
 from typing import Any, Iterator
 
 import grain
+import jax
 import numpy as np
 
 from model.config import ConfigError
 from train import data as data_lib
+from train.evaluate import compile_eval_step, evaluate, sharded_eval_step
 
 
 @dataclasses.dataclass
@@ -42,18 +53,44 @@ class Objective:
   name: str = ''
   head: str = 'logits'
   reference: bool = False
+  batches_read_params: bool = False
 
   def __init__(self, config):
     self.config = config
+    self._eval_step = None  # compiled at the first evaluation
 
   def check(self) -> None:
     if self.reference and not self.config.train.init_from:
       raise ConfigError(f'train.objective={self.name} needs train.init_from: its reference '
                         f'model is the run it starts from (e.g. --init_from=runs/sft)')
 
-  def tokens_per_example(self) -> int:
-    """Tokens one example of a batch holds, for the loop's tokens/s."""
-    return self.config.data.seq_len
+  def prepare(self, run) -> None:
+    """What the objective needs of the run (train.loop.Run: model, data, layout, mesh), before
+    the run writes anything."""
+
+  def steps_per_call(self) -> int:
+    return self.config.train.steps_per_call
+
+  def tokens_per_step(self) -> int:
+    """Tokens the model reads in one optimizer step, for the loop's tokens/s and MFU."""
+    return self.config.train.batch_size * self.config.data.seq_len
+
+  def batches(self, run, k: int, step: int) -> tuple[dict, dict]:
+    """The next `k` steps' batches, stacked {name: (k, B / processes, ...)} (numpy, this
+    process's rows), and metrics of making them (none here): read from the run's iterator."""
+    del step
+    return run.iterator.next(k), {}
+
+  def evaluate(self, run, max_batches: int) -> dict:
+    """The validation metrics of the run's parameters on `max_batches` evaluation batches (all
+    when negative): `eval_fn` compiled once over the run's mesh, summed over `eval_batches`."""
+    params, frozen = run.state.params, run.state.frozen
+    if self._eval_step is None:
+      shardings = jax.tree.map(lambda x: x.sharding, (params, frozen))
+      self._eval_step = compile_eval_step(
+          sharded_eval_step(self, run.model, run.mesh, *shardings, run.layout), self.eval_spec(),
+          run.mesh, params, frozen)
+    return evaluate(self._eval_step, params, frozen, self, run.data, run.mesh, max_batches)
 
   # To be given by each objective.
   def data(self, workdir: str, start) -> Data:

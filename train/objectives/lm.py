@@ -24,6 +24,7 @@ CORPUS_FILE = 'data/corpus.json'  # the identity of the text files tokenized (da
 
 class LanguageModeling(Objective):
   name = 'lm'
+  corpus = None  # the identity of data.path's files (data.corpus_identity), when tokenized now
 
   def data(self, workdir: str, start) -> Data:
     prepared = workdir_lib.load_data(workdir)
@@ -33,16 +34,21 @@ class LanguageModeling(Objective):
       if path and os.path.exists(path) and os.path.exists(recorded):
         with open(recorded) as f:
           data_lib.check_corpus(path, json.load(f))
-      return Data(*prepared)
-    tokenizer = start.tokenizer if start is not None else None
-    data = Data(*workdir_lib.build_data(self.config, tokenizer), built=True)
-    if path and os.path.exists(path):  # a local corpus (not TFDS's catalog)
-      self.corpus = data_lib.corpus_identity(path)
+      data = Data(*prepared)
+    else:
+      tokenizer = start.tokenizer if start is not None else None
+      data = Data(*workdir_lib.build_data(self.config, tokenizer), built=True)
+      if path and os.path.exists(path):  # a local corpus (not TFDS's catalog)
+        self.corpus = data_lib.corpus_identity(path)
+    # Each split holds one sequence at least: checked now, not at the first batch or the final
+    # evaluation, after the run has written its files and trained.
+    for name, split in (('the training', data.train), ('the validation', data.validation)):
+      data_lib.PackedSequences(split.tokens, self.config.data.seq_len, name)
     return data
 
   def save(self, workdir: str, data: Data) -> None:
     workdir_lib.save_data(workdir, data.tokenizer, data.train, data.validation)
-    if getattr(self, 'corpus', None) is not None:
+    if self.corpus is not None:
       with open(os.path.join(workdir, CORPUS_FILE), 'w') as f:
         json.dump(self.corpus, f)
 

@@ -28,8 +28,8 @@ def answer_only(template: chat.ChatTemplate, conversation: list[dict]) -> list[t
 class PreferenceObjective(Objective):
   """Data, batches and evaluation plumbing of pairs; `pair_sums` is the objective's own."""
 
-  def tokens_per_example(self) -> int:
-    return 2 * self.config.data.seq_len  # a chosen and a rejected sequence
+  def tokens_per_step(self) -> int:
+    return 2 * super().tokens_per_step()  # a chosen and a rejected sequence each
 
   def data(self, workdir: str, start) -> Data:
     return conversation_data(self, workdir, start, chat.parse_preference)

@@ -93,7 +93,7 @@ def entropy(logits):
 class OnPolicy(Objective):
   """What GRPO and PPO share: prompts, rollouts, minibatches, losses' normalisation."""
   reference = True
-  on_policy = True
+  batches_read_params = True  # a rollout samples from the updated policy
 
   def check(self) -> None:
     super().check()
@@ -103,7 +103,7 @@ class OnPolicy(Objective):
     if (tc.batch_size * rl.group_size) % rl.num_minibatches:
       raise ConfigError(f'rl.num_minibatches={rl.num_minibatches} does not divide the '
                         f'{tc.batch_size} x {rl.group_size} answers of a rollout')
-    k = self.updates_per_rollout()
+    k = self.steps_per_call()
     for field in ('num_steps', 'eval_every', 'checkpoint_every'):
       if tc[field] % k:
         raise ConfigError(f'train.{field}={tc[field]} is not a multiple of the {k} updates of '
@@ -122,11 +122,15 @@ class OnPolicy(Objective):
     if rl.accuracy:
       rewards_lib.load(rl.accuracy)
 
-  def updates_per_rollout(self) -> int:
+  def steps_per_call(self) -> int:
+    """One call is one rollout and the updates that learn from it."""
     return self.config.rl.ppo_epochs * self.config.rl.num_minibatches
 
-  def tokens_per_example(self) -> int:
-    return self.config.data.seq_len
+  def tokens_per_step(self) -> int:
+    """An update reads one minibatch of the rollout: batch x group answers / minibatches rows,
+    each the prompt and answer (data.seq_len tokens) less the last, which is only a target."""
+    rl, tc = self.config.rl, self.config.train
+    return tc.batch_size * rl.group_size // rl.num_minibatches * (self.config.data.seq_len - 1)
 
   # -- data: prompts ---------------------------------------------------------------------------
 
@@ -170,7 +174,7 @@ class OnPolicy(Objective):
   # -- rollouts -------------------------------------------------------------------------------
 
   def prepare(self, run) -> None:
-    """Called by the loop once the run is built: the compiled pieces of a rollout."""
+    """The compiled pieces of a rollout, and the reward model (checked before the run writes)."""
     self.run = run
     rl = self.config.rl
     self.reward_fn = rewards_lib.load(rl.reward) if rl.reward else None
@@ -250,6 +254,12 @@ class OnPolicy(Objective):
       out.append(rewards_lib.score(fn, prompt, text, fields, f'{where}, answer {i}'))
     return np.asarray(out, np.float32)
 
+  def batches(self, run, k: int, step: int):
+    """A rollout from one batch of prompts with the run's current parameters: its `k` (=
+    steps_per_call) minibatches and its metrics."""
+    prompts = {name: x[0] for name, x in run.iterator.next(1).items()}
+    return self.rollout(run.state, prompts, step)
+
   def rollout(self, state, batch: dict, step: int):
     """(the updates' minibatches stacked (K, R / M, ...) as numpy, the rollout's metrics)."""
     rl = self.config.rl
@@ -296,7 +306,7 @@ class OnPolicy(Objective):
 
   # -- evaluation: greedy answers to the validation prompts ------------------------------------
 
-  def evaluate_run(self, run, max_batches: int) -> dict:
+  def evaluate(self, run, max_batches: int) -> dict:
     """The reward (and accuracy) of greedy answers to the validation prompts (the first
     `max_batches` x train.batch_size of them, all when negative)."""
     examples = run.data.validation
