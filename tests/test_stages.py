@@ -257,6 +257,11 @@ def test_posttrain_samples_dpo_pairs_again_after_sft_is_retrained(tfds_dir, tmp_
   assert json.loads(read(os.path.join(workdir, 'data', 'dpo.jsonl')))['sft'] == new_sft
   assert json.loads(stand_ins[2]['data'])['sft'] == new_sft  # DPO trained on the new pairs
 
+  config.sampling.temperature = 0.5  # other pairs from the same SFT model: DPO again, alone
+  del stand_ins[:]
+  posttrain.train_stages(config, workdir, problems, {})
+  assert [t['dir'] for t in stand_ins] == ['dpo']
+
 
 # ---------------------------------------------------------------------------------------------
 # Extrapolation: a saved result stands only for the config it was made from.
