@@ -290,3 +290,31 @@ def test_extrapolation_evaluates_again_when_its_lengths_change(tfds_dir, tmp_pat
   assert list(second['loss_by_length']) == ['16', '32', '64']
   assert second['loss_by_length']['16'] == pytest.approx(first['loss_by_length']['16'])
   assert second['train_s'] == first['train_s']  # the training's, kept in its record
+
+
+def test_posttrain_refuses_to_write_dpo_pairs_when_sft_gave_none(tfds_dir, tmp_path,
+                                                                 monkeypatch):
+  """An SFT model that answers every question alike gives no (right, wrong) pair: one line that
+  names the fix, and no empty dpo.jsonl for DPO to be refused on (or a later run to reuse)."""
+  import types
+  import numpy as np
+  import experiments.posttrain.__main__ as posttrain
+  from eval import respond as respond_lib
+  from experiments.posttrain import task
+  from train import restore
+  from train.chat import ChatTemplate
+  from train.data import DataError
+  from train.tokenizers import ByteTokenizer
+  config = tiny_posttrain(tfds_dir)
+  config.sampling.num_prompts = 5
+  tokenizer = ByteTokenizer()
+  monkeypatch.setattr(restore, 'load_run', lambda d: types.SimpleNamespace(
+      tokenizer=tokenizer, template=ChatTemplate(), model=None, params=None))
+  monkeypatch.setattr(respond_lib, 'respond', lambda model, params, prompts, **kw: [
+      tokenizer.encode('7')] * len(prompts))  # always 7: 1 + 1 is never answered right
+  problems = task.Problems(train=np.ones((10, 2), np.int64), test=np.ones((1, 2), np.int64))
+  path = str(tmp_path / 'dpo.jsonl')
+  with pytest.raises(DataError, match=r'no prompt of sampling.num_prompts=5 got both a right and '
+                                      r'a wrong answer .*stages.sft.num_steps'):
+    posttrain.sample_pairs('sft', config, problems, path)
+  assert not os.path.exists(path)

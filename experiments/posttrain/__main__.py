@@ -212,6 +212,7 @@ def sample_pairs(sft_dir: str, config, problems, path: str) -> None:
   from eval.respond import chat_prompt, respond
   from train.restore import load_run
   from experiments.posttrain import task
+  from train.data import DataError
   from train.progress import say
   s = config.sampling
   run = load_run(sft_dir)
@@ -235,6 +236,10 @@ def sample_pairs(sft_dir: str, config, problems, path: str) -> None:
   right = np.mean([t == str(a + b) for t, (a, b) in
                    zip(texts, np.repeat(chosen, s.samples_per_prompt, axis=0))])
   say(f'dpo: {len(pairs)} pairs from {len(chosen)} prompts ({right:.1%} of the samples right)')
+  if not pairs:  # refused here, where the fix is known, rather than by DPO's empty data
+    raise DataError(f'dpo: no prompt of sampling.num_prompts={s.num_prompts} got both a right '
+                    f'and a wrong answer from the SFT model ({right:.1%} right); train SFT '
+                    'longer (stages.sft.num_steps) or raise sampling.samples_per_prompt')
   task.write_jsonl(path, pairs)
 
 
