@@ -318,3 +318,28 @@ def test_posttrain_refuses_to_write_dpo_pairs_when_sft_gave_none(tfds_dir, tmp_p
                                       r'a wrong answer .*stages.sft.num_steps'):
     posttrain.sample_pairs('sft', config, problems, path)
   assert not os.path.exists(path)
+
+
+def test_a_scaling_sweeps_corpus_of_another_data_section_is_refused(tmp_path):
+  from experiments.configs import scaling_cpu
+  from experiments.scaling.__main__ import CORPUS_CONFIG, prepare_corpus
+  text = tmp_path / 'corpus.txt'
+  text.write_text('a tiny corpus of characters, repeated. ' * 200)
+  config = scaling_cpu.get_config()
+  config.data.update(path=str(text), tokenizer='char', seq_len=16,
+                     tfds_data_dir=str(tmp_path / 'tfds'))
+  workdir = str(tmp_path / 'sweep')
+  corpus = prepare_corpus(config, workdir)
+  listing = sorted(os.listdir(corpus))
+  config.data.tfds_data_dir = str(tmp_path / 'elsewhere')  # where TFDS keeps files: the same
+  assert prepare_corpus(config, workdir) == corpus
+  config.data.seq_len = 32
+  with pytest.raises(RunError, match=r'sweep/corpus was prepared with another config: '
+                                     r'data.seq_len: 16 -> 32\. Use a new --workdir'):
+    prepare_corpus(config, workdir)
+  assert sorted(os.listdir(corpus)) == listing
+  # A corpus prepared before its record named its section (the data fields alone) still stands.
+  record = json.load(open(os.path.join(corpus, CORPUS_CONFIG)))
+  json.dump(record['data'], open(os.path.join(corpus, CORPUS_CONFIG), 'w'))
+  config.data.seq_len = 16
+  assert prepare_corpus(config, workdir) == corpus
