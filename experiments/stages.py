@@ -11,9 +11,10 @@ A stage that is not done is made again: its record and outputs are removed first
 are written under temporary names, then renamed, so a refused or killed stage never leaves a
 file that looks complete. A training run is written in place instead (`in_place`): the loop
 resumes it from its checkpoint and refuses another model or data (train/workdir.py
-check_compatible), and only the record says it finished. A sweep keeps its records in its own
-table (experiments/sweep.py: runs.jsonl, shared by shards) and refuses a changed config instead
-of redoing a run (`check`).
+check_compatible), and only the record says it finished. A sweep keeps its records where its
+shards share them (experiments/sweep.py: runs.jsonl; the corpus's data.json, renamed into place
+with it) and refuses a changed config instead of redoing what its finished runs rest on
+(`check`).
 """
 
 from __future__ import annotations
@@ -116,14 +117,16 @@ def run(stage: Stage, make: Callable[..., Any], in_place: bool = False) -> dict:
     os.remove(stage.record_path)
     for path in stage.outputs:  # stale: a run in place starts afresh too
       _remove(path)
-  paths = list(stage.outputs) if in_place else [partial(p) for p in stage.outputs]
-  for path in paths if not in_place else ():
-    _remove(path)  # a killed attempt's
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  result = make(*paths)
-  for path in stage.outputs if not in_place else ():
-    _remove(path)  # an output made by hand or left by a version that kept no record
-    os.rename(partial(path), path)
+  if in_place:
+    result = make(*stage.outputs)
+  else:
+    for path in stage.outputs:
+      _remove(partial(path))  # a killed attempt's
+      os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    result = make(*[partial(path) for path in stage.outputs])
+    for path in stage.outputs:
+      _remove(path)  # an output made by hand, or by a version that kept no record
+      os.rename(partial(path), path)
   record = {'name': stage.name, 'id': uuid.uuid4().hex, 'config': stage.config,
             'after': {r['name']: r['id'] for r in stage.after}, 'result': result}
   os.makedirs(os.path.dirname(stage.record_path), exist_ok=True)

@@ -138,7 +138,7 @@ def accuracies(workdir: str, stage: str, run: dict, config, problems) -> dict:
   stay the same."""
   from experiments import stages
   path = os.path.join(run_dir_of(workdir, stage), 'accuracy.json')
-  settings = {'eval': config.eval.to_dict(), 'task': task_settings(config), 'chat': stage != 'base'}
+  settings = {'eval': config.eval.to_dict(), 'task': task_settings(config)}
   stages.run(stages.Stage(workdir, f'{stage}_accuracy', settings, [path], [run]),
              lambda out: measure_accuracies(run_dir_of(workdir, stage), config, problems,
                                             stage != 'base', out))
