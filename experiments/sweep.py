@@ -1,10 +1,10 @@
 """The grid driver every sweep shares (experiments.scaling, experiments.recall).
 
 A sweep is a list of named points, each a training config. A finished point appends one row to
-DIR/runs.jsonl; running the sweep again skips the points that have a row (after checking the row
-came from the same config) and resumes an interrupted one from its checkpoint (the training loop
-does that in DIR/runs/<name>); `--shard=i/n` takes every n-th point from the i-th, so n processes
-(or hosts) share a grid and its runs.jsonl.
+DIR/runs.jsonl; running the sweep again skips the points that have a row (after checking, with
+experiments/stages.py, that the row came from the same config) and resumes an interrupted one
+from its checkpoint (the training loop does that in DIR/runs/<name>); `--shard=i/n` takes every
+n-th point from the i-th, so n processes (or hosts) share a grid and its runs.jsonl.
 """
 
 from __future__ import annotations
