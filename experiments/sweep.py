@@ -1,10 +1,10 @@
 """The grid driver every sweep shares (experiments.scaling, experiments.recall).
 
 A sweep is a list of named points, each a training config. A finished point appends one row to
-DIR/runs.jsonl; running the sweep again skips the points that have a row (after checking the row
-came from the same config) and resumes an interrupted one from its checkpoint (the training loop
-does that in DIR/runs/<name>); `--shard=i/n` takes every n-th point from the i-th, so n processes
-(or hosts) share a grid and its runs.jsonl.
+DIR/runs.jsonl; running the sweep again skips the points that have a row (after checking, with
+experiments/stages.py, that the row came from the same config) and resumes an interrupted one
+from its checkpoint (the training loop does that in DIR/runs/<name>); `--shard=i/n` takes every
+n-th point from the i-th, so n processes (or hosts) share a grid and its runs.jsonl.
 """
 
 from __future__ import annotations
@@ -14,14 +14,10 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
+from experiments import stages
 from train.progress import say
 
 RUNS_FILE = 'runs.jsonl'
-
-# Settings that change how a run reports, not what it computes: a finished row still stands.
-REPORTING_FIELDS = {'train.peak_flops', 'train.log_every', 'train.eval_every', 'train.eval_batches',
-                    'train.eval_batch_size', 'train.checkpoint_every', 'train.keep_checkpoints',
-                    'train.steps_per_call', 'data.tfds_data_dir', 'model.vocab_size'}
 
 
 class SweepError(ValueError):
@@ -58,21 +54,9 @@ def append_run(workdir: str, row: dict) -> None:
     os.close(fd)
 
 
-def check_finished(row: dict, config, workdir: str, ignore=REPORTING_FIELDS) -> None:
-  """A finished row must come from the same training config: refuses to mix results."""
-  from train.workdir import RunError, differences, flatten
-  keys = sorted(k for k in set(flatten(row['config'])) | set(flatten(config.to_dict()))
-                if k not in ignore)
-  diffs = differences(row['config'], config.to_dict(), keys)
-  if diffs:
-    raise RunError(f'{workdir} already holds run {row["name"]} with another config: '
-                   + '; '.join(diffs) + '. Use a new --workdir for a new sweep.')
-
-
 def run_grid(points: Sequence[Any], workdir: str, shard: tuple[int, int],
              run: Callable[[Any, str], dict], describe: Callable[[Any], str] = str,
-             before: Callable[[list], None] | None = None,
-             ignore=REPORTING_FIELDS) -> tuple[dict[str, dict], list[str]]:
+             before: Callable[[list], None] | None = None) -> tuple[dict[str, dict], list[str]]:
   """Runs this shard's unfinished points, in order; returns (the rows of runs.jsonl by name, the
   names of the grid's points still without a row). Each point has `.name` and `.config`;
   `run(point, run_dir)` trains it in DIR/runs/<name> and returns its row, which the chief
@@ -84,8 +68,9 @@ def run_grid(points: Sequence[Any], workdir: str, shard: tuple[int, int],
   done = read_runs(workdir)
   mine = list(points)[shard[0]::shard[1]]
   for p in mine:
-    if p.name in done:
-      check_finished(done[p.name], p.config, workdir, ignore)
+    if p.name in done:  # a finished row must come from the same config: results never mix
+      stages.check(stages.Stage(workdir, p.name, p.config.to_dict()),
+                   done[p.name], f'{workdir} already holds run {p.name}')
   todo = [p for p in mine if p.name not in done]
   say(f'sweep: {len(points)} runs in the grid, {len(mine)} in shard {shard[0]}/{shard[1]}, '
       f'{len(todo)} to run')

@@ -3,10 +3,11 @@
 An MoE against the dense model of the same active parameters, each a normal training run of the
 config (by default the shakespeare_char recipe with 8 experts of width 172, top-2) in DIR/<name>/:
 dense (attn*4, feed-forward width top_k x model.moe.d_ff), moe (attn:moe*4) and, with
-`--config.dropless=true`, moe_dropless (capacity factor 0). The same command again resumes or
-skips finished runs. Prints one table (parameters, training FLOPs per token, tokens/s, validation
-loss on the whole split) and writes it to DIR/moe_benchmark.json. Tokens/s is the median over the
-logged windows of training steps (compilation and evaluation excluded).
+`--config.dropless=true`, moe_dropless (capacity factor 0). The same command again resumes an
+interrupted run, skips one finished from the same config and trains one of another config afresh
+(experiments/stages.py). Prints one table (parameters, training FLOPs per token, tokens/s,
+validation loss on the whole split) and writes it to DIR/moe_benchmark.json. Tokens/s is the
+median over the logged windows of training steps (compilation and evaluation excluded).
 """
 
 import json
@@ -41,13 +42,24 @@ def run_configs(config) -> dict:
 
 
 def train_one(name: str, config, workdir: str) -> dict:
+  """The run's row of the table: trained in DIR/<name> unless done from the same config
+  (experiments/stages.py)."""
+  from experiments import stages
+  from train import loop
+
+  def train(run_dir):
+    return row(name, config, run_dir, loop.train_and_evaluate(config, run_dir))
+
+  return stages.run(stages.Stage(workdir, name, config.to_dict(),
+                                 [os.path.join(workdir, name)]), train, in_place=True)['result']
+
+
+def row(name: str, config, run_dir: str, final: dict) -> dict:
   import numpy as np
 
   from model import ModelConfig, count_params, training_flops_per_token
-  from train import loop, workdir as workdir_lib
+  from train import workdir as workdir_lib
 
-  run_dir = os.path.join(workdir, name)
-  final = loop.train_and_evaluate(config, run_dir)
   with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
   model_cfg = ModelConfig.from_dict(workdir_lib.load_config(run_dir).model)

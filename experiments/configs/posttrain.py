@@ -2,13 +2,13 @@
 
   python -m experiments.posttrain --workdir=runs/posttrain
 
-Every stage is a normal training run in DIR/<stage>/ (resumable; re-running skips finished
-stages). The task (experiments/posttrain/task.py): a + b with operands up to task.max_operand;
-the base model reads documents of sums as equations and prose, task.error_rate of them wrong;
-SFT teaches the chat format on demonstrations; the reward model learns right answers from wrong
-ones; DPO starts from SFT on pairs sampled from it, labelled by correctness; GRPO starts from SFT
-with the exact-match reward, RLHF (PPO) from SFT against the reward model. The measured
-accuracies and wall time are in docs/posttrain.md.
+Every stage is a normal training run in DIR/<stage>/ (resumable; re-running skips the stages
+finished from the same config, experiments/stages.py). The task (experiments/posttrain/task.py):
+a + b with operands up to task.max_operand; the base model reads documents of sums as equations
+and prose, task.error_rate of them wrong; SFT teaches the chat format on demonstrations; the
+reward model learns right answers from wrong ones; DPO starts from SFT on pairs sampled from it,
+labelled by correctness; GRPO starts from SFT with the exact-match reward, RLHF (PPO) from SFT
+against the reward model. The measured accuracies and wall time are in docs/posttrain.md.
 """
 
 from ml_collections import ConfigDict

@@ -15,7 +15,8 @@ s = L / seq_len (model/positions.py: rope_frequencies). A learned table stops at
 
 Writes into the work directory:
   runs/<scheme>/     each run (config, checkpoint, metrics.jsonl) and its results,
-                     extrapolation.json; a finished scheme is not trained again
+                     extrapolation.json; a scheme is trained (and evaluated) again only when
+                     its config changed (experiments/stages.py; records in stages/)
   summary.json       per scheme: loss at each length, loss by position (bucketed) at the longest,
                      training wall time; per RoPE scaling: loss at each length; the wall times
   extrapolation.png  loss against evaluation length, one line per scheme (Press et al.'s
@@ -97,21 +98,36 @@ def losses_by_length(model, params, tokens, lengths, batch_tokens: int, eval_tok
 
 
 def run_scheme(config, scheme: str, workdir: str) -> dict:
-  """Trains (unless done) and evaluates one scheme; returns and writes its results."""
-  from train.restore import load_run
-  from model import LM, count_params
+  """Trains and evaluates one scheme, each unless done from the same config (experiments/
+  stages.py); returns its results, also in DIR/runs/<scheme>/extrapolation.json."""
+  from experiments import stages
   from train import loop
   from train.progress import say
   run_dir = os.path.join(workdir, 'runs', scheme)
+
+  def train(out):
+    say(f'{scheme}: training in {out}')
+    start = time.time()
+    final = loop.train_and_evaluate(scheme_config(config, scheme), out)
+    return {'val_loss': final['val_loss'], 'train_s': time.time() - start}
+
+  trained = stages.run(stages.Stage(workdir, scheme, scheme_config(config, scheme).to_dict(),
+                                    [run_dir]), train, in_place=True)
+  settings = {'sweep': {k: v for k, v in config.sweep.to_dict().items() if k != 'schemes'},
+              'eval_batch_size': config.train.eval_batch_size}
   path = os.path.join(run_dir, RESULT_FILE)
-  if os.path.exists(path):
-    say(f'{scheme}: done earlier ({path})')
-    with open(path) as f:
-      return json.load(f)
-  say(f'{scheme}: training in {run_dir}')
-  start = time.time()
-  final = loop.train_and_evaluate(scheme_config(config, scheme), run_dir)
-  train_s = time.time() - start
+  stages.run(stages.Stage(workdir, f'{scheme}_eval', settings, [path], [trained]),
+             lambda out: evaluate_scheme(config, scheme, run_dir, trained['result'], out))
+  with open(path) as f:
+    return json.load(f)
+
+
+def evaluate_scheme(config, scheme: str, run_dir: str, trained: dict, path: str) -> None:
+  """Writes the trained run's losses at every length (and RoPE's with each scaling) to `path`;
+  `trained`: its final validation loss and training time."""
+  from train.restore import load_run
+  from model import LM, count_params
+  from train.progress import say
   run = load_run(run_dir)
   tokens = run.objective.data(run_dir, None).validation.tokens
   sweep, seq_len = config.sweep, config.data.seq_len
@@ -120,7 +136,7 @@ def run_scheme(config, scheme: str, workdir: str) -> dict:
   by_length, curve = losses_by_length(run.model, run.params, tokens, sweep.lengths, batch_tokens,
                                       sweep.eval_tokens, scheme)
   result = {'loss_by_length': by_length, 'loss_by_position_buckets': curve,
-            'val_loss_whole_split': final['val_loss'], 'train_s': train_s,
+            'val_loss_whole_split': trained['val_loss'], 'train_s': trained['train_s'],
             'params': count_params(run.model_cfg).total}
   if scheme == 'rope':
     result['rope_scaled'] = {}
@@ -137,7 +153,6 @@ def run_scheme(config, scheme: str, workdir: str) -> dict:
     json.dump(result, f, indent=1)
   say(f'{scheme}: ' + '  '.join(f'L={n} {v:.3f}' if v is not None else f'L={n} -'
                                  for n, v in by_length.items()))
-  return result
 
 
 def summarize(config, results: dict, wall_s: float) -> dict:

@@ -11,7 +11,9 @@ checked (integer addition, experiments/posttrain/task.py):
   rlhf    PPO against the reward model's score, the KL penalty in the reward (from sft)
 
 Each stage is a normal training run in DIR/<stage>/ (`python -m train`'s loop with that stage's
-objective, `train.init_from` the stage before it), resumable; re-running skips finished stages.
+objective, `train.init_from` the stage before it), resumable. Re-running skips a stage, or a file
+in DIR/data, only when it was made from the same config and the same earlier stages
+(experiments/stages.py; records in DIR/stages/), and makes the others again.
 Every model is measured by held-out exact-match accuracy on the test problems, greedy: the base
 model zero-shot in the chat template and few-shot in its own format (`a + b = c` lines), the
 others in the chat template; the reward model by its pairwise accuracy on held-out pairs. Writes
@@ -53,20 +55,65 @@ def stage_config(config, stage: str, data_path: str, init_from: str = '',
   return c
 
 
-def train_stage(config, workdir: str, stage: str, **kwargs) -> str:
-  """Trains the stage in DIR/<stage> unless it finished before; its directory."""
-  from train import checkpoint as ckpt_lib
+def train_stage(config, workdir: str, stage: str, after=(), **kwargs) -> dict:
+  """Trains the stage in DIR/<stage> unless it finished before from the same config and the
+  same records `after` (the stages it starts from and its data); its record
+  (experiments/stages.py). A stale run is trained afresh; an interrupted one resumes."""
+  from experiments import stages
   from train.loop import train_and_evaluate
   from train.progress import say
-  run_dir = os.path.join(workdir, stage)
   c = stage_config(config, stage, **kwargs)
-  if ckpt_lib.has_checkpoint(run_dir) and ckpt_lib.Checkpointer(
-      run_dir, read_only=True).latest_step() == c.train.num_steps:
-    say(f'{stage}: finished before, in {run_dir}')
-  else:
+
+  def train(run_dir):
     say(f'{stage}: training ({c.train.objective}, {c.train.num_steps} steps) in {run_dir}')
-    train_and_evaluate(c, run_dir)
-  return run_dir
+    return train_and_evaluate(c, run_dir)
+
+  return stages.run(stages.Stage(workdir, stage, c.to_dict(), [run_dir_of(workdir, stage)],
+                                 after), train, in_place=True)
+
+
+def run_dir_of(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage)
+
+
+def timed(times: dict, stage: str, fn, *args, **kwargs):
+  """fn(*args, **kwargs), its wall time added to times[stage]."""
+  start = time.time()
+  out = fn(*args, **kwargs)
+  times[stage] = times.get(stage, 0.0) + time.time() - start
+  return out
+
+
+def train_stages(config, workdir: str, problems, times: dict) -> dict[str, dict]:
+  """Every training stage's record, each trained unless done (experiments/stages.py), after the
+  files it reads: the task's files in DIR/data, then base, sft, reward, DPO's pairs and dpo,
+  grpo and rlhf. `times` gains each stage's wall time."""
+  from experiments.posttrain import task
+  split = task.stage_problems(problems.train, config.task)  # checked before anything is written
+  made = data_stages(config, workdir, problems, split)
+  data = {name: os.path.join(workdir, 'data', name) for name in made}
+  sft_dir = run_dir_of(workdir, 'sft')
+  runs = {}
+  runs['base'] = timed(times, 'base', train_stage, config, workdir, 'base',
+                       after=[made['corpus']], data_path=data['corpus'])
+  runs['sft'] = timed(times, 'sft', train_stage, config, workdir, 'sft',
+                      after=[made['sft.jsonl'], runs['base']], data_path=data['sft.jsonl'],
+                      init_from=run_dir_of(workdir, 'base'), objective='sft')
+  runs['reward'] = timed(times, 'reward', train_stage, config, workdir, 'reward',
+                         after=[made['reward.jsonl'], runs['sft']],
+                         data_path=data['reward.jsonl'], init_from=sft_dir, objective='reward')
+  pairs = timed(times, 'dpo', sampled_pairs, workdir, runs['sft'], config, problems)
+  runs['dpo'] = timed(times, 'dpo', train_stage, config, workdir, 'dpo',
+                      after=[pairs, runs['sft']], data_path=pairs_path(workdir),
+                      init_from=sft_dir, objective='dpo')
+  runs['grpo'] = timed(times, 'grpo', train_stage, config, workdir, 'grpo',
+                       after=[made['rl.jsonl'], runs['sft']], data_path=data['rl.jsonl'],
+                       init_from=sft_dir, objective='grpo')
+  runs['rlhf'] = timed(times, 'rlhf', train_stage, config, workdir, 'rlhf',
+                       after=[made['rl.jsonl'], runs['sft'], runs['reward']],
+                       data_path=data['rl.jsonl'], init_from=sft_dir, objective='ppo',
+                       rl={'reward_model': run_dir_of(workdir, 'reward')})
+  return runs
 
 
 def exact_match(run, prompts: list[np.ndarray], answers: list[int], config, what: str,
@@ -85,17 +132,26 @@ def few_shot_prompt(tokenizer, examples: np.ndarray, a: int, b: int) -> np.ndarr
   return tokenizer.encode('\n'.join(lines + [task.equation(a, b)]))
 
 
-def accuracies(run_dir: str, config, problems, chat: bool) -> dict:
-  """The run's exact-match accuracy on the test problems (chat and, for the base, few-shot),
-  cached in DIR/<stage>/accuracy.json."""
+def accuracies(workdir: str, stage: str, run: dict, config, problems) -> dict:
+  """The stage's exact-match accuracy on the test problems (chat and, for the base, few-shot),
+  kept in DIR/<stage>/accuracy.json while the run (its record `run`) and the evaluation settings
+  stay the same."""
+  from experiments import stages
+  path = os.path.join(run_dir_of(workdir, stage), 'accuracy.json')
+  settings = {'eval': config.eval.to_dict(), 'task': task_settings(config)}
+  stages.run(stages.Stage(workdir, f'{stage}_accuracy', settings, [path], [run]),
+             lambda out: measure_accuracies(run_dir_of(workdir, stage), config, problems,
+                                            stage != 'base', out))
+  with open(path) as f:
+    return json.load(f)
+
+
+def measure_accuracies(run_dir: str, config, problems, chat: bool, path: str) -> None:
+  """Writes the run's accuracies to `path`."""
   from eval.respond import chat_prompt
   from train.restore import load_run
   from experiments.posttrain import task
   from train.chat import ChatTemplate
-  path = os.path.join(run_dir, 'accuracy.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
   run = load_run(run_dir)
   template = run.template or ChatTemplate.from_config(config.chat)  # the base has none
   eos = int(run.tokenizer.encode(template.end_of_turn)[0])
@@ -115,7 +171,6 @@ def accuracies(run_dir: str, config, problems, chat: bool) -> dict:
     result['few_shot_samples'] = samples[:10]
   with open(path, 'w') as f:
     json.dump(result, f, indent=1)
-  return result
 
 
 def reward_model_accuracy(run_dir: str, config, problems) -> float:
@@ -139,16 +194,26 @@ def reward_model_accuracy(run_dir: str, config, problems) -> float:
   return float(metrics['val_accuracy'])
 
 
-def sampled_pairs(sft_dir: str, config, problems, path: str) -> str:
-  """DPO's pairs: samples_per_prompt answers of the SFT model to training questions, at the
-  sampling temperature; a prompt with a right and a wrong answer gives one pair."""
+def sampled_pairs(workdir: str, sft: dict, config, problems) -> dict:
+  """DPO's pairs, DIR/data/dpo.jsonl, sampled from the SFT model (its record `sft`): made again
+  when SFT or the sampling settings change; the stage's record."""
+  from experiments import stages
+  settings = {'sampling': config.sampling.to_dict(), 'task': task_settings(config),
+              'max_new_tokens': config.eval.max_new_tokens}
+  return stages.run(stages.Stage(workdir, 'dpo_pairs', settings,
+                                 [pairs_path(workdir)], [sft]),
+                    lambda path: sample_pairs(run_dir_of(workdir, 'sft'), config, problems, path))
+
+
+def sample_pairs(sft_dir: str, config, problems, path: str) -> None:
+  """samples_per_prompt answers of the SFT model to training questions, at the sampling
+  temperature; a prompt with a right and a wrong answer gives one pair, a line of `path`."""
   from model.decode import Sampling
   from eval.respond import chat_prompt, respond
   from train.restore import load_run
   from experiments.posttrain import task
+  from train.data import DataError
   from train.progress import say
-  if os.path.exists(path):
-    return path
   s = config.sampling
   run = load_run(sft_dir)
   eos = int(run.tokenizer.encode(run.template.end_of_turn)[0])
@@ -171,7 +236,45 @@ def sampled_pairs(sft_dir: str, config, problems, path: str) -> str:
   right = np.mean([t == str(a + b) for t, (a, b) in
                    zip(texts, np.repeat(chosen, s.samples_per_prompt, axis=0))])
   say(f'dpo: {len(pairs)} pairs from {len(chosen)} prompts ({right:.1%} of the samples right)')
-  return task.write_jsonl(path, pairs)
+  if not pairs:  # refused here, where the fix is known, rather than by DPO's empty data
+    raise DataError(f'dpo: no prompt of sampling.num_prompts={s.num_prompts} got both a right '
+                    f'and a wrong answer from the SFT model ({right:.1%} right); train SFT '
+                    'longer (stages.sft.num_steps) or raise sampling.samples_per_prompt')
+  task.write_jsonl(path, pairs)
+
+
+def pairs_path(workdir: str) -> str:
+  return os.path.join(workdir, 'data', 'dpo.jsonl')
+
+
+def task_settings(config) -> dict:
+  """The task section less where TFDS keeps its files: what the problems are made from."""
+  return {k: v for k, v in config.task.to_dict().items() if k != 'tfds_data_dir'}
+
+
+def data_stages(config, workdir: str, problems, split) -> dict:
+  """The task's files in DIR/data, each a stage made from the task section: the base corpus,
+  SFT's demonstrations, the reward model's pairs, the RL prompts. Their records by name."""
+  from experiments import stages
+  from experiments.posttrain import task
+  t = config.task
+  makers = {
+      'corpus': lambda out: task.write_documents(out, task.documents(
+          problems.train, t.error_rate, t.lines_per_document, t.seed, t.passes,
+          t.equation_share)),
+      'sft.jsonl': lambda out: task.write_jsonl(out, task.demonstrations(split.demonstrations)),
+      'reward.jsonl': lambda out: task.write_jsonl(out, task.preference_pairs(split.pairs,
+                                                                               t.seed)),
+      # RL prompts: training questions that neither SFT's demonstrations nor the reward model's
+      # pairs used, with their answers for the exact-match reward.
+      'rl.jsonl': lambda out: task.write_jsonl(out, [
+          {'prompt': task.question(a, b), 'answer': int(a + b)} for a, b in split.rl])}
+  records = {}
+  for name, make in makers.items():
+    stage = stages.Stage(workdir, f'data_{name.split(".")[0]}', task_settings(config),
+                         [os.path.join(workdir, 'data', name)])
+    records[name] = stages.run(stage, make)
+  return records
 
 
 def rl_curves(run_dir: str) -> dict:
@@ -261,55 +364,17 @@ def main(argv):
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   start = time.time()
   problems = task.load(config.task)
-  data_dir = os.path.join(workdir, 'data')
-  t = config.task
-  corpus = os.path.join(data_dir, 'corpus')
-  if not os.path.isdir(corpus):
-    task.write_documents(corpus, task.documents(problems.train, t.error_rate,
-                                                t.lines_per_document, t.seed, t.passes,
-                                                t.equation_share))
-  split = task.stage_problems(problems.train, t)
-  demos = task.write_jsonl(os.path.join(data_dir, 'sft.jsonl'),
-                           task.demonstrations(split.demonstrations))
-  pairs = task.write_jsonl(os.path.join(data_dir, 'reward.jsonl'),
-                           task.preference_pairs(split.pairs, t.seed))
   times = {}
-
-  def timed(stage, fn, *args, **kwargs):
-    stage_start = time.time()
-    out = fn(*args, **kwargs)
-    times[stage] = times.get(stage, 0.0) + time.time() - stage_start
-    return out
-
-  base = timed('base', train_stage, config, workdir, 'base', data_path=corpus)
-  sft = timed('sft', train_stage, config, workdir, 'sft', data_path=demos, init_from=base,
-              objective='sft')
-  reward = timed('reward', train_stage, config, workdir, 'reward', data_path=pairs,
-                 init_from=sft, objective='reward')
-  dpo_pairs = timed('dpo', sampled_pairs, sft, config, problems,
-                    os.path.join(data_dir, 'dpo.jsonl'))
-  dpo = timed('dpo', train_stage, config, workdir, 'dpo', data_path=dpo_pairs, init_from=sft,
-              objective='dpo')
-  # RL prompts: training questions that neither SFT's demonstrations nor the reward model's
-  # pairs used, with their answers for the exact-match reward.
-  rl_prompts = task.write_jsonl(
-      os.path.join(data_dir, 'rl.jsonl'),
-      [{'prompt': task.question(a, b), 'answer': int(a + b)} for a, b in split.rl])
-  grpo = timed('grpo', train_stage, config, workdir, 'grpo', data_path=rl_prompts,
-               init_from=sft, objective='grpo')
-  rlhf = timed('rlhf', train_stage, config, workdir, 'rlhf', data_path=rl_prompts,
-               init_from=sft, objective='ppo', rl={'reward_model': reward})
-  results = {stage: timed(f'{stage}_eval', accuracies, path, config, problems,
-                          chat=stage != 'base')
-             for stage, path in (('base', base), ('sft', sft), ('dpo', dpo), ('grpo', grpo),
-                                 ('rlhf', rlhf))}
-  curves = {stage: rl_curves(path) for stage, path in (('grpo', grpo), ('rlhf', rlhf))}
+  runs = train_stages(config, workdir, problems, times)
+  results = {stage: timed(times, f'{stage}_eval', accuracies, workdir, stage, runs[stage],
+                          config, problems) for stage in ('base', 'sft', 'dpo', *RL_STAGES)}
+  curves = {stage: rl_curves(run_dir_of(workdir, stage)) for stage in RL_STAGES}
   summary = {
       'accuracy': {'base': results['base']['chat'],
                    'base_few_shot': results['base']['few_shot'],
                    **{stage: results[stage]['chat'] for stage in ('sft', 'dpo', *RL_STAGES)}},
-      'reward_model_accuracy': timed('reward_eval', reward_model_accuracy, reward, config,
-                                     problems),
+      'reward_model_accuracy': timed(times, 'reward_eval', reward_model_accuracy,
+                                     run_dir_of(workdir, 'reward'), config, problems),
       'num_test': len(problems.test),
       'rl': {stage: rl_ends(c) for stage, c in curves.items()},
       'rl_curves': {stage: {k: [v if np.isfinite(v) else None for v in values]

@@ -157,20 +157,17 @@ def preference_pairs(pairs: np.ndarray, seed: int) -> list[dict]:
           for a, b in pairs]
 
 
-def write_jsonl(path: str, records: list[dict]) -> str:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+def write_jsonl(path: str, records: list[dict]) -> None:
   with open(path, 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
-  return path
 
 
-def write_documents(directory: str, docs: list[str]) -> str:
+def write_documents(directory: str, docs: list[str]) -> None:
   """The corpus as one text file per 1,000 documents (a TextCorpus directory)."""
   os.makedirs(directory, exist_ok=True)
   for i in range(0, len(docs), 1000):
     with open(os.path.join(directory, f'part{i // 1000:04d}.txt'), 'w') as f:
       f.write('\n'.join(docs[i:i + 1000]))
-  return directory
 
 
 def exact_match(prompt: str, response: str, answer: int, **fields) -> float:

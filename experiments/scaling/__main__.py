@@ -123,28 +123,26 @@ def grid(config, vocab: int) -> list[Point]:
 
 def prepare_corpus(config, workdir: str) -> str:
   """DIR/corpus: the tokenizer and tokenized splits every run of the sweep links to. Prepared in
-  a private directory and renamed into place, so shards racing to prepare it agree on one."""
+  a private directory with its record (the data section it was made from) and renamed into
+  place, so shards racing to prepare it agree on one; one of another data section is refused
+  (experiments/stages.py check): the sweep's finished runs were trained on it."""
+  from experiments import stages
   from train import workdir as workdir_lib
   corpus = os.path.join(workdir, 'corpus')
-  # The data section as JSON reads it back (tuples become lists), to compare with the saved one.
-  data = json.loads(json.dumps({k: v for k, v in config.data.to_dict().items()
-                                if k != 'tfds_data_dir'}))
+  stage = stages.Stage(workdir, 'corpus', {'data': config.data.to_dict()}, [corpus])
   if not os.path.exists(corpus):
     scratch = f'{corpus}.{os.getpid()}'
     workdir_lib.prepare_data(config, scratch)
     with open(os.path.join(scratch, CORPUS_CONFIG), 'w') as f:
-      json.dump(data, f)
+      json.dump(stage.config, f)
     try:
       os.rename(scratch, corpus)
     except OSError:  # another shard got there first: use its corpus
       shutil.rmtree(scratch)
   with open(os.path.join(corpus, CORPUS_CONFIG)) as f:
-    prepared = json.load(f)
-  if prepared != data:
-    diffs = [f'data.{k}: {prepared.get(k)!r} -> {v!r}' for k, v in data.items()
-             if prepared.get(k) != v]
-    raise SweepError(f'{corpus} was prepared from another corpus or tokenizer '
-                     f'({"; ".join(diffs)}); use a new --workdir for a new sweep')
+    saved = json.load(f)
+  saved = saved if 'data' in saved else {'data': saved}  # as written before the record had one
+  stages.check(stage, {'config': saved}, f'{corpus} was prepared')
   return corpus
 
 
