@@ -1,12 +1,34 @@
-"""Parameter and FLOP counts against hand-computed formulas and against the parameter tree."""
+"""Parameter and FLOP counts against hand-computed formulas, against the parameter tree, and
+(FLOPs) against the matmuls of the compiled forward and backward pass."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from model import LM, count_params, training_flops_per_token
+from model.config import Mamba2Config
+from train import hlo, step as step_lib
 from tests.conftest import tiny
+
+
+def compiled_flops_per_token(cfg, seq_len: int, batch: int = 2) -> float:
+  """Matmul FLOPs per token of the compiled gradient of the language-modelling loss with respect
+  to every parameter (forward and backward) on `batch` sequences, counted in its HLO text by
+  train/hlo.py: a count of what the program does, independent of `training_flops_per_token`.
+  It sees dots and convolutions only, so it leaves out what 6 x N counts for the parameters no
+  matmul touches (norm scales, biases, per-channel vectors), done as elementwise work."""
+  model = LM(cfg)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0),
+                                        jnp.zeros((1, seq_len), jnp.int32)))['params']
+  loss_fn = step_lib.make_loss_fn(model, dropout=False)
+  tokens = jnp.zeros((batch, seq_len), jnp.int32)
+  grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
+  stats = hlo.analyze(grad.lower(params, {'inputs': tokens, 'targets': tokens}).compile()
+                      .as_text())
+  assert stats.unknown_loops == 0
+  return stats.matmul_flops / (batch * seq_len)
 
 
 def hand_count(V, D, H, K, Dh, F, L, swiglu, untied, learned_len=0):
@@ -44,9 +66,32 @@ def test_training_flops_per_token_by_hand():
   cfg = tiny(pattern='attn*1')
   assert training_flops_per_token(cfg, 16) == 79_872
   assert training_flops_per_token(cfg, 32) == 79_872 + 6_144     # twice the keys
-  # A window of 4 scores 4 keys, not 16: 12 x 4 x 4 x 8 = 1,536.
+  # A window of 4 scores 4 keys, not 16: 12 x 4 x 4 x 8 = 1,536. (Model FLOPs: the XLA
+  # implementation scores all 16 keys and masks the rest.)
   assert training_flops_per_token(tiny(pattern='attn*1', attention_window=4), 16) == 75_264
   assert training_flops_per_token(tiny(pattern='attn*1', attention_window=64), 16) == 79_872
+
+
+MAMBA2 = Mamba2Config(head_dim=8, d_state=16, n_groups=2, chunk_size=16)
+
+
+@pytest.mark.parametrize('kw, seq_len, elementwise', [
+    (dict(pattern='attn*1'), 16, 3 * 32),                    # the two block norms, the final one
+    (dict(pattern='attn*1'), 32, 3 * 32),                    # the scores see twice the keys
+    (dict(pattern='attn*2', num_kv_heads=2), 16, 5 * 32),    # k, v 32 x 16; scores per query head
+    # Two chunks of 16. The convolution (shifted products) 640, dt_bias, A_log, D 24, the gated
+    # norm 64, two norms 64. (With one chunk, L <= 16, the program does 4,096 fewer per token:
+    # the state entering it is the zero initial state, the one leaving it feeds nothing.)
+    (dict(pattern='mamba2*1', mamba2=MAMBA2), 32, 792),
+])
+def test_training_flops_are_the_compiled_matmuls_and_the_elementwise_parameters(kw, seq_len,
+                                                                                elementwise):
+  """`training_flops_per_token` against the matmul FLOPs of the compiled forward and backward
+  pass (train/hlo.py, not the formula): equal but for 6 per token for each of the `elementwise`
+  parameters that no matmul touches, which 6 x N counts as if one did."""
+  cfg = tiny(**kw)
+  assert compiled_flops_per_token(cfg, seq_len) == (training_flops_per_token(cfg, seq_len)
+                                                    - 6 * elementwise)
 
 
 def test_mamba2_param_count_and_flops_by_hand():
@@ -55,9 +100,7 @@ def test_mamba2_param_count_and_flops_by_hand():
   # conv over x, B, C (64 + 64 channels) with biases 5 x 128 = 640; dt_bias, A_log, D 3 x 8 = 24;
   # the gated norm's scale 64; out 64 x 32 = 2,048; the block's norm 32: 9,208 per layer, and the
   # final norm 32: N = 9,240. Embedding 61 x 32 = 1,952.
-  from model.config import Mamba2Config
-  cfg = tiny(pattern='mamba2*1', mamba2=Mamba2Config(head_dim=8, d_state=16, n_groups=2,
-                                                      chunk_size=16))
+  cfg = tiny(pattern='mamba2*1', mamba2=MAMBA2)
   counts = count_params(cfg)
   assert (counts.embedding, counts.non_embedding) == (1_952, 9_240)
   params = LM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from eval import heads
 from model import LM, ModelConfig
@@ -103,6 +104,16 @@ def test_icl_score_of_a_unigram_model_is_zero():
   unigram_logits = jnp.broadcast_to(log_p, (*contexts.shape, V))   # ignores its context
   losses = heads.next_token_losses(unigram_logits, contexts)
   early, late = heads.icl_positions(L)
-  assert (early, late) == (round(L * 50 / 512) - 1, round(L * 500 / 512) - 1)
+  assert (early, late) == (5, 61)   # 64 x 50 / 512 = 6.25 -> the 6th; 62.5 -> the 62nd (even)
   assert abs(float(heads.icl_score(losses, early, late))) < 1e-5
   assert heads.icl_positions(512) == (49, 499)      # Olsson et al.'s 50th and 500th tokens
+  assert heads.icl_positions(128) == (11, 124)
+  # One context whose tokens are all 3 but for the targets of the early and the late position,
+  # tokens 6 and 62 of 0..64 (a loss at index t predicts token t + 1): 6, the likeliest, and 0,
+  # the least likely. With logits 0..6, log p(k) - log p(j) = k - j, so the late loss exceeds
+  # the early one by 6 - 0: a score read one position off sees two 3s and gives 0.
+  row = np.full((1, L + 1), 3)
+  row[0, 6], row[0, 62] = 6, 0
+  row = jnp.asarray(row, jnp.int32)
+  losses = heads.next_token_losses(jnp.broadcast_to(log_p, (*row.shape, V)), row)
+  assert float(heads.icl_score(losses, early, late)) == pytest.approx(6.0, abs=1e-5)

@@ -21,6 +21,7 @@ from train.data import DataError
 from train.loop import Window, train_and_evaluate
 from train.objectives import dpo as dpo_lib
 from train.objectives import reward as reward_lib
+from train.objectives import sft as sft_lib
 from train.objectives import rl
 from train.rewards import RewardError
 from train.tokenizers import ByteTokenizer
@@ -185,7 +186,7 @@ def test_the_reward_models_lm_term_adds_the_chosen_answers_nll_and_keeps_the_sco
   np.testing.assert_allclose(float(with_lm - plain), 0.3 * expected, rtol=1e-4)
 
 
-def test_sft_gives_no_gradient_through_prompt_tokens_and_rows_never_mix():
+def test_sft_gives_no_gradient_through_prompt_tokens():
   cfg = tiny()
   model, params = init(cfg)
   rng = np.random.default_rng(0)
@@ -200,14 +201,36 @@ def test_sft_gives_no_gradient_through_prompt_tokens_and_rows_never_mix():
                                             (batch['targets'] + 1) % cfg.vocab_size))
   for a, b in zip(jax.tree.leaves(grad(params, batch)), jax.tree.leaves(grad(params, relabelled))):
     np.testing.assert_array_equal(a, b)
-  # Another example in row 2: the other rows' losses do not move.
-  row_losses = jax.jit(lambda p, b: jnp.sum(step_lib.token_losses(
-      model.apply({'params': p}, b['inputs']), b['targets']) * b['weights'], axis=-1))
-  changed = {k: v.copy() for k, v in batch.items()}
-  changed['inputs'][2] = rng.integers(0, cfg.vocab_size, 16)
-  a, b = row_losses(params, batch), row_losses(params, changed)
-  np.testing.assert_array_equal(np.delete(np.asarray(a), 2), np.delete(np.asarray(b), 2))
-  assert a[2] != b[2]
+
+
+def test_sft_rows_never_mix_each_conversation_scores_as_if_alone():
+  """Conversations of different lengths through SFT's own encoding, batching and loss: each row's
+  loss is its conversation's computed alone, at its own length with no padding, and the batch's
+  is their sum. Packing (a row filled with the next conversation), padding that carries weight
+  or leaks into earlier positions, or a model that mixes rows, each changes a row's loss."""
+  cfg = tiny(vocab_size=256)  # the byte tokenizer's
+  model, params = init(cfg)
+  pairs = [('hi', 'hello there'), ('2+2?', '4'), ('name a colour', 'teal'), ('ok?', 'yes')]
+  records = [{'messages': [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': a}]}
+             for q, a in pairs]
+  objective = sft_lib.SFT(run_config('', data=dict(seq_len=32)))
+  examples = objective.encode(ByteTokenizer(), TEMPLATE, records, 'train')
+  batch = sft_lib.as_lm_batch(dict(examples.arrays, valid=np.ones(len(records), np.float32)))
+
+  def weighted_losses(inputs, targets, weights):  # (B,) summed over each row's weighted targets
+    logits = model.apply({'params': params}, jnp.asarray(inputs))
+    return np.asarray(jnp.sum(step_lib.token_losses(logits, jnp.asarray(targets)) * weights,
+                              axis=-1))
+
+  alone = []
+  for record in records:
+    tokens, weights = chat.encode(ByteTokenizer(), TEMPLATE.pieces(record['messages']))
+    assert len(tokens) < 33  # a row has room for it: nothing is cut
+    alone.append(weighted_losses(tokens[None, :-1], tokens[None, 1:], weights[None, 1:])[0])
+  rows = weighted_losses(batch['inputs'], batch['targets'], batch['weights'])
+  np.testing.assert_allclose(rows, alone, rtol=1e-5)
+  total, _ = objective.loss_fn(model)(params, batch, None)
+  np.testing.assert_allclose(float(total), sum(alone), rtol=1e-5)
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])

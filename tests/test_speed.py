@@ -146,23 +146,16 @@ def test_simulated_cpu_devices_share_one_cpu_peak(measured):
   assert perf.peak('float32')[0] == one
 
 
-class Built(Exception):
-  """Raised once the builder has been called: what it builds need not be compiled here."""
-
-
 def test_the_benchmark_times_the_call_the_loop_builds(monkeypatch):
-  from train import loop
-  from test_benchmark import tiny_shape
+  """The loop's builder builds the benchmark's call, and what the benchmark times is that very
+  program: the fake clock advances only while it runs (1 s a run, 1 step a run)."""
+  from test_benchmark import spy_on_the_train_call, tiny_shape
   import experiments.benchmark.__main__ as benchmark
-  built = []
-
-  def spy(model, optimizer, train_cfg, *args, **kwargs):
-    built.append((model.config.d_model, train_cfg.batch_size))
-    raise Built
-  monkeypatch.setattr(loop, 'train_call', spy)
-  with pytest.raises(Built):
-    benchmark.bench_train('tiny', tiny_shape(), steps_per_call=1, repeats=1, peak=1e11)
-  assert built == [(32, 2)]
+  spied = spy_on_the_train_call(monkeypatch, seconds=1.0)
+  row = benchmark.bench_train('tiny', tiny_shape(), steps_per_call=1, repeats=2, peak=1e11)
+  assert spied.built == [(32, 2)]
+  assert len(spied.fed) == 3  # its warm-up run and both timed runs
+  assert row['step_ms'] == 1e3
 
 
 def test_cpu_xla_flags_join_the_users_and_keep_the_users_value():

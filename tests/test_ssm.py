@@ -19,6 +19,7 @@ from model.ssm import selective_scan
 from train.loop import train_and_evaluate
 from tests.conftest import run_config, tiny
 from tests.test_blocks import assert_scanned_equals_plain, square_loss, unstack
+from tests.test_counting import compiled_flops_per_token
 from tests.test_decode import cached_logits, setup
 
 
@@ -161,6 +162,18 @@ def test_initialisation_follows_the_paper_and_counts_match_the_tree():
   floored = tiny(pattern='mamba', mamba=MambaConfig(dt_min=1e-5, dt_max=1e-3, dt_init_floor=1e-4))
   dt = jax.nn.softplus(setup(floored)[1]['blocks']['layer_0']['mixer']['dt_proj']['bias'])
   assert np.all(np.asarray(dt) >= 1e-4 * 0.999) and np.any(np.asarray(dt) < 1.001e-4)
+
+
+def test_mamba_flops_against_the_compiled_program():
+  """`training_flops_per_token` of a Mamba layer against the matmuls of its compiled forward and
+  backward pass (train/hlo.py): they do all of it but what no matmul does, 6 x the parameters
+  of the elementwise work and the scan's own term, both written out here."""
+  cfg = tiny(pattern='mamba')  # D 32, Din 64, N 16
+  # Parameters outside matmuls: the conv (shifted products) 4 x 64 and its bias 64, Δ's bias 64,
+  # A_log 64 x 16, D 64, the block's and the final norm 2 x 32: 1,536.
+  # The scan (`mamba_flops_per_token`): 15 per state element and token, 15 x 64 x 16 = 15,360.
+  assert compiled_flops_per_token(cfg, 16) == (training_flops_per_token(cfg, 16) - 6 * 1_536
+                                               - 15_360)
 
 
 def test_mamba_lm_is_causal_and_both_scans_give_its_logits():
