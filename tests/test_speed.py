@@ -4,6 +4,7 @@ own program."""
 
 import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,8 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+
+from train import perf as perf_lib
 
 from conftest import run_config
 from train import optim
@@ -119,6 +122,7 @@ def measured(monkeypatch, tmp_path):
     calls.append(dtype)
     return 1e11 * len(calls)  # a different figure at every measurement
   monkeypatch.setattr(perf, 'measure_peak_flops', measure)
+  monkeypatch.setattr(perf, 'cpu_formula_peak', lambda: None)  # this machine's: not here
   return calls
 
 
@@ -190,3 +194,44 @@ def test_commands_compile_cpu_matmuls_without_ynnpack(tmp_path):
                                  capture_output=True, text=True, check=True).stdout.split()[-1]
              for how in ('commands', 'xla_defaults')}
   assert has_ynn == {'commands': 'False', 'xla_defaults': 'True'}
+
+
+CPU_FORMULA_PEAK = perf_lib.cpu_formula_peak  # the real one (the `measured` fixture hides it)
+CPUINFO = '''processor\t: 0
+model name\t: AMD EPYC
+cpu MHz\t\t: 2500.000
+flags\t\t: fpu sse2 avx fma avx2
+processor\t: 1
+cpu MHz\t\t: 2400.000
+flags\t\t: fpu sse2 avx fma avx2
+'''
+
+
+def test_a_cpu_peak_is_never_below_its_cores_formula(measured, tmp_path, monkeypatch):
+  """A matmul timed on a busy machine (here 1e11) cannot lower the peak under cores x clock x
+  FLOPs a cycle: 2 cores x 2.5 GHz x (2 FMA units x 8 AVX2 lanes x 2) = 160 GFLOP/s."""
+  from train import perf
+  path = tmp_path / 'cpuinfo'
+  path.write_text(CPUINFO)
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
+  flops, how = CPU_FORMULA_PEAK(str(path))
+  assert flops == 2 * 2.5e9 * 32 and '2 cores x 2.50 GHz x 32 FLOP/cycle' in how
+  path.write_text(CPUINFO.replace('avx fma avx2', 'avx512f avx2'))
+  assert CPU_FORMULA_PEAK(str(path))[0] == 2 * 2.5e9 * 64
+  assert CPU_FORMULA_PEAK(str(tmp_path / 'absent')) is None
+
+  monkeypatch.setattr(perf, 'cpu_formula_peak', lambda: (160e9, 'the formula'))
+  peak, source = perf.peak('float32', devices=[FakeDevice('cpu', 'cpu')])
+  assert peak == 160e9 and 'the formula' in source and measured == ['float32']
+
+
+def test_a_run_faster_than_its_peak_measures_again_and_raises_it(measured):
+  from train import perf
+  cpu = [FakeDevice('cpu', 'cpu')]
+  assert perf.raised_peak(1e11, 0.9e11, 'float32', devices=cpu) is None  # below: kept
+  new, note = perf.raised_peak(1e11, 1.5e11, 'float32', devices=cpu)
+  # measured again (1e11, still low): never below what the run achieved
+  assert new == 1.5e11 and '100 -> 150 GFLOP/s' in note and measured == ['float32']
+  new, _ = perf.raised_peak(1.5e11, 1.8e11, 'float32', devices=cpu)  # measured 2e11 now
+  assert new == 2e11 and measured == ['float32', 'float32']
+  assert perf.peak('float32', devices=cpu)[0] == 2e11  # the cache keeps the faster figure

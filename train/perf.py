@@ -2,9 +2,11 @@
 
 The peak must be the same at every start of a run, or MFU moves with a neighbour's load rather
 than with the run's speed. Known accelerators read it from a table of their published dense
-bfloat16 peaks; any other device (a CPU) measures a matmul once per machine and keeps the figure
-in ~/.cache/nexttoken/peak_flops.json (delete it to measure again; `train.peak_flops` overrides
-both). Devices that share one processor (CPU devices simulated with
+bfloat16 peaks; any other device measures a matmul once per machine and keeps the figure in
+~/.cache/nexttoken/peak_flops.json (delete it to measure again; `train.peak_flops` overrides
+both). A CPU's peak is never below its cores' formula (cores x clock x 2 FMA units x lanes x 2),
+and a run that computes faster than its peak measures again and raises it (`raised_peak`), so
+MFU cannot exceed 100% because the matmul was timed on a busy machine. Devices that share one processor (CPU devices simulated with
 --xla_force_host_platform_device_count) share its peak: it is counted once per process, not once
 per device.
 """
@@ -12,6 +14,7 @@ per device.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import platform as platform_lib
@@ -109,32 +112,83 @@ def cached_measured_peak(device, dtype: str) -> tuple[float, str]:
   """One device's measured peak, measured on the first call on this machine and read from the
   cache after: (FLOP/s, where it came from)."""
   path, key = cache_path(), _machine_key(device, dtype)
-  cache = {}
+  cache = _read_cache(path)
+  if key in cache:
+    return float(cache[key]), f'measured on this machine, cached in {path}'
+  flops = store_measured_peak(device, dtype, measure_peak_flops(dtype, repeats=10))
+  return flops, f'measured now, cached in {path}'
+
+
+def _read_cache(path: str) -> dict:
   if os.path.exists(path):
     try:
       with open(path) as f:
-        cache = json.load(f)
+        return json.load(f)
     except (OSError, ValueError):  # unreadable: measure again and rewrite it
-      cache = {}
-  if key in cache:
-    return float(cache[key]), f'measured once on this machine, cached in {path}'
-  flops = measure_peak_flops(dtype, repeats=10)
-  cache[key] = flops
+      pass
+  return {}
+
+
+def store_measured_peak(device, dtype: str, flops: float) -> float:
+  """Keeps the faster of `flops` and the cached figure for this machine (a ceiling is what the
+  device reached); returns it. A read-only home keeps nothing."""
+  path, key = cache_path(), _machine_key(device, dtype)
+  cache = _read_cache(path)
+  cache[key] = max(flops, float(cache.get(key, 0.0)))
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(f'{path}.{os.getpid()}', 'w') as f:
       json.dump(cache, f, indent=1)
     os.replace(f'{path}.{os.getpid()}', path)
-  except OSError:  # a read-only home: the figure is used, not kept
-    return flops, 'measured now (the cache could not be written)'
-  return flops, f'measured now, cached in {path}'
+  except OSError:
+    pass
+  return cache[key]
+
+
+# Float32 lanes of one vector instruction, by the widest extension /proc/cpuinfo lists. Every
+# x86 core since Haswell and Zen issues two FMA instructions a cycle (2 FLOPs a lane each); XLA's
+# CPU matmuls compute bfloat16 in float32 lanes, so the figure serves every dtype.
+_LANES = (('avx512f', 16), ('avx2', 8), ('avx', 8), ('sse2', 4))
+FMA_UNITS = 2
+
+
+def cpu_formula_peak(cpuinfo: str = '/proc/cpuinfo') -> tuple[float, str] | None:
+  """This process's CPU cores x their clock x FLOPs a cycle (FMA_UNITS x lanes x 2), read from
+  `cpuinfo` (and cpufreq's maximum where the kernel gives one): (FLOP/s, how), or None where it
+  cannot be read. The clock a virtual machine shows may be below its boost, so a matmul can beat
+  this figure; it is a floor under the measured peak, never the ceiling alone (`peak`)."""
+  try:
+    with open(cpuinfo) as f:
+      text = f.read()
+  except OSError:
+    return None
+  mhz = [float(line.split(':')[1]) for line in text.splitlines()
+         if line.startswith('cpu MHz') and ':' in line]
+  for path in glob.glob('/sys/devices/system/cpu/cpu[0-9]*/cpufreq/cpuinfo_max_freq'):
+    try:
+      with open(path) as f:
+        mhz.append(int(f.read()) / 1e3)  # kHz
+    except (OSError, ValueError):
+      pass
+  flags = set(next((line.split(':', 1)[1].split() for line in text.splitlines()
+                    if line.startswith('flags')), []))
+  lanes = next((n for flag, n in _LANES if flag in flags), 0)
+  if not mhz or not lanes:
+    return None
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  per_cycle = FMA_UNITS * lanes * 2
+  flops = cores * max(mhz) * 1e6 * per_cycle
+  return flops, (f'{cores} cores x {max(mhz) / 1e3:.2f} GHz x {per_cycle} FLOP/cycle = '
+                 f'{flops / 1e9:,.0f} GFLOP/s')
 
 
 def peak(dtype: str = 'float32', override: float = 0.0, devices=None) -> tuple[float, str]:
   """(the denominator of MFU for all `devices` (JAX's), where it comes from): `override`
   (train.peak_flops) when set; else the table's peak per chip times the chips; else one device's
   measured peak (cached) times the devices, except on CPUs, whose devices share the processor of
-  their process: one peak per process."""
+  their process: one peak per process, the larger of the measured matmul and the cores' formula
+  (`cpu_formula_peak`), so that a measurement taken on a busy machine cannot make MFU exceed
+  what the hardware can do."""
   if override:
     return float(override), 'train.peak_flops'
   devices = jax.devices() if devices is None else devices
@@ -143,10 +197,31 @@ def peak(dtype: str = 'float32', override: float = 0.0, devices=None) -> tuple[f
   if table is not None:
     return table * len(devices), f'{first.device_kind}: published peak {table / 1e12:g} TFLOP/s'
   flops, source = cached_measured_peak(first, dtype)
-  if first.platform == 'cpu':
-    processes = len({getattr(d, 'process_index', 0) for d in devices})
-    return flops * processes, source
-  return flops * len(devices), source
+  if first.platform != 'cpu':
+    return flops * len(devices), source
+  processes = len({getattr(d, 'process_index', 0) for d in devices})
+  formula = cpu_formula_peak()
+  if formula is not None and formula[0] > flops:
+    return formula[0] * processes, (f'the cores\' formula, {formula[1]}, above the matmul '
+                                    f'{source}: {flops / 1e9:,.0f} GFLOP/s')
+  return flops * processes, source + (f' (the cores\' formula gives {formula[1]})'
+                                      if formula is not None else '')
+
+
+def raised_peak(peak_flops: float, achieved_flops: float, dtype: str,
+                devices=None) -> tuple[float, str] | None:
+  """When a run computes `achieved_flops` FLOP/s, above the `peak_flops` its MFU is read
+  against, the peak was measured low (a busy machine): the matmul measured again (the cache
+  keeps the faster figure) and the new peak, never below what was achieved, with a line saying
+  so. None while the peak holds."""
+  if achieved_flops <= peak_flops:
+    return None
+  devices = jax.devices() if devices is None else devices
+  measured = store_measured_peak(devices[0], dtype, measure_peak_flops(dtype, repeats=10))
+  processes = len({getattr(d, 'process_index', 0) for d in devices})
+  new = max(measured * processes, achieved_flops)
+  return new, (f'MFU peak raised {peak_flops / 1e9:,.0f} -> {new / 1e9:,.0f} GFLOP/s: the run '
+               f'computed {achieved_flops / 1e9:,.0f} GFLOP/s, above it (measured again)')
 
 
 def peak_flops_per_s(dtype: str = 'float32', override: float = 0.0) -> float:
