@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -202,18 +201,15 @@ def main(argv):
 
 def define_flags() -> None:
   from absl import flags
-  flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   flags.DEFINE_integer('period', 0, 'Length of the random sequence that is repeated; 0: half '
                        'the run\'s context.')
   flags.DEFINE_integer('num_sequences', 64, 'Repeated sequences to score the heads on.')
   flags.DEFINE_integer('num_contexts', 256, 'Validation contexts for the ICL score.')
   flags.DEFINE_integer('seed', 0, 'Seed of the random sequences.')
-  flags.mark_flag_as_required('workdir')
 
 
 if __name__ == '__main__':
   from train import cli
   define_flags()
-  cli.define_run_config(sys.argv)
-  cli.run(main)
+  cli.command(main, 'Work directory of a training run.', config=cli.RUN_CONFIG)

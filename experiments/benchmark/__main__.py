@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
@@ -27,12 +26,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from train import cli
 from train.progress import say
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'benchmark.py')
 
 
 def _train_config(shape) -> ml_collections.ConfigDict:
@@ -178,9 +175,5 @@ def format_table(result: dict) -> str:
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Benchmark config; default '
-                                  'experiments/configs/benchmark.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Where benchmark.json is written.')
-  flags.mark_flag_as_required('workdir')
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Where benchmark.json is written.', config='benchmark.py',
+              makes='experiment')

@@ -37,7 +37,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from typing import Callable
 
@@ -46,7 +45,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from experiments.grokking import arithmetic, fourier, plots
 from model import LM, ModelConfig, count_params
@@ -58,9 +56,8 @@ from train.loop import init_state
 from train.mesh import make_mesh
 from train.metric_writer import MetricWriter
 from train.progress import Progress
-from train.workdir import save_config
+from train.workdir import EXPERIMENT, save_config
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'grokking.py')
 SINGLE_DEVICE = {'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}
 THRESHOLD = 0.99  # accuracy that counts as memorised (train) and generalised (validation)
 OUTPUTS = ('metrics.jsonl', 'summary.json', 'grokking.png', 'fourier.png', 'tensorboard')
@@ -164,7 +161,7 @@ def train(config, workdir: str) -> dict:
   setup = build(config)
   task, state = setup.task, setup.state
   clear_outputs(workdir)
-  save_config(config, workdir)
+  save_config(config, workdir, kind=EXPERIMENT)  # a grokking run: not one `eval` reads
   train_split, val_split = jax.device_put(task.train), jax.device_put(task.validation)
   call = make_call(setup.step, setup.evaluate, tc.eval_every)
 
@@ -272,15 +269,11 @@ def main(argv):
 def define_flags() -> None:
   """The command line's flags; defined only when run as a command, so that importing this module
   (tests, notebooks) leaves absl's global flags alone."""
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file; default '
-                                  'experiments/configs/grokking.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Work directory: metrics, summary and plots.')
   flags.DEFINE_bool('sweep', False, 'Sweep config.sweep.train_fractions x weight_decays instead '
                     'of one run, and plot steps to generalise against the training fraction.')
-  flags.mark_flags_as_required(['workdir'])
 
 
 if __name__ == '__main__':
   define_flags()
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Work directory: metrics, summary and plots.', config='grokking.py',
+              makes='experiment')

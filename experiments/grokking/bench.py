@@ -2,19 +2,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 import experiments.grokking.__main__ as grokking
 from train import cli, optim, perf, step as step_lib
 from train.errors import quiet_libraries
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'grokking_bench.py')
 
 
 def measure(config) -> list[dict]:
@@ -74,9 +71,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Benchmark config; default '
-                                  'experiments/configs/grokking_bench.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Where grokking_bench.json is written.')
-  flags.mark_flags_as_required(['workdir'])
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Where grokking_bench.json is written.', config='grokking_bench.py',
+              makes='experiment')
