@@ -29,9 +29,10 @@ from __future__ import annotations
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+# JAX is imported in the functions that use it: `python -m eval.heads --help` does not wait for
+# it (seconds of CPU).
 
 # Olsson et al. 2022: the ICL score is the loss of the 500th token minus that of the 50th, in
 # contexts of 512 tokens.
@@ -48,6 +49,7 @@ def repeated_sequences(seed: int, batch: int, period: int, token_ids) -> np.ndar
 
 def induction_scores(probs_BxHxLxL, period: int):
   """(H,) mean attention of second-copy queries i to key i - period + 1."""
+  import jax.numpy as jnp
   L = probs_BxHxLxL.shape[-1]
   queries = jnp.arange(period, min(2 * period, L))
   return jnp.mean(probs_BxHxLxL[:, :, queries, queries - period + 1], axis=(0, 2))
@@ -55,18 +57,22 @@ def induction_scores(probs_BxHxLxL, period: int):
 
 def previous_token_scores(probs_BxHxLxL):
   """(H,) mean attention of queries i >= 1 to key i - 1."""
+  import jax.numpy as jnp
   queries = jnp.arange(1, probs_BxHxLxL.shape[-1])
   return jnp.mean(probs_BxHxLxL[:, :, queries, queries - 1], axis=(0, 2))
 
 
 def next_token_losses(logits_BxLxV, tokens_BxL):
   """(B, L - 1): the loss of predicting tokens[:, t + 1] from the logits at t, in float32."""
+  import jax
+  import jax.numpy as jnp
   logp_BxLxV = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
   return -jnp.take_along_axis(logp_BxLxV, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
 
 
 def copy_losses(losses_BxT, period: int):
   """(first copy loss, second copy loss): mean losses of the targets 1..P-1 and P+1..2P-1."""
+  import jax.numpy as jnp
   return (jnp.mean(losses_BxT[:, :period - 1]),
           jnp.mean(losses_BxT[:, period:2 * period - 1]))
 
@@ -83,6 +89,7 @@ def icl_positions(context: int) -> tuple[int, int]:
 
 def icl_score(losses_BxT, early: int, late: int):
   """Mean loss at position `late` minus mean loss at `early` over the contexts (rows)."""
+  import jax.numpy as jnp
   return jnp.mean(losses_BxT[:, late]) - jnp.mean(losses_BxT[:, early])
 
 
@@ -90,6 +97,7 @@ def head_scores(model, params, tokens_BxL, period: int) -> dict:
   """The probes of one model on repeated sequences `tokens_BxL` (`repeated_sequences`):
   {'induction': (layers, H), 'previous_token': (layers, H), 'first_copy_loss',
   'second_copy_loss'}, with NaN rows for layers that are not attention. Jit-compatible."""
+  import jax.numpy as jnp
   from model.capture import logits_and_attention
   logits_BxLxV, weights = logits_and_attention(model, params, tokens_BxL)
   first, second = copy_losses(next_token_losses(logits_BxLxV, tokens_BxL), period)
@@ -105,6 +113,8 @@ def head_scores(model, params, tokens_BxL, period: int) -> dict:
 
 def context_losses(model, params, inputs_BxL, targets_BxL):
   """(B, L) per-position losses of held-out contexts (the ICL score's input)."""
+  import jax
+  import jax.numpy as jnp
   logits_BxLxV = model.apply({'params': params}, inputs_BxL)
   logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
   return -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
@@ -160,6 +170,8 @@ def probe_tokens(tokenizer) -> np.ndarray:
 
 def main(argv):
   del argv
+  import jax
+  import jax.numpy as jnp
   from absl import flags
 
   from train.restore import load_run

@@ -17,6 +17,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+# The flags `command` defines belong to the command that calls it: --help lists them.
+flags.disclaim_key_flags()
+
 
 def _unknown_config_key(argv: list[str]) -> str | None:
   """'--config.a.b: config.a has no key 'b'; its keys are [...]' for the first override whose

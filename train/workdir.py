@@ -106,12 +106,17 @@ def record_command(workdir: str, kind: str, command: str | None = None) -> bool:
   if command is None:
     return False
   os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, COMMAND_FILE)
+  scratch = f'{path}.{os.getpid()}'
+  with open(scratch, 'w') as f:
+    json.dump({'command': command, 'kind': kind}, f)
   try:
-    with open(os.path.join(workdir, COMMAND_FILE), 'x') as f:  # one writer, even racing
-      json.dump({'command': command, 'kind': kind}, f)
+    os.link(scratch, path)  # whole or not at all, and one writer even when two processes race
     return True
   except FileExistsError:
     return False
+  finally:
+    os.remove(scratch)
 
 
 def _kind_from_files(workdir: str) -> str | None:

@@ -3,18 +3,18 @@ from __future__ import annotations
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-import experiments.grokking.__main__ as grokking
-from train import cli, optim, perf, step as step_lib
-from train.errors import quiet_libraries
-
+from train import cli
 
 
 def measure(config) -> list[dict]:
+  import jax
+  import jax.numpy as jnp
+
+  import experiments.grokking.__main__ as grokking
+  from train import optim, perf, step as step_lib
   setup = grokking.build(config)
   train = jax.device_put(setup.task.train)
   full = dict(train, targets=jnp.concatenate([train['inputs'][:, 1:], train['targets']], axis=1),
@@ -54,6 +54,8 @@ def measure(config) -> list[dict]:
 
 def main(argv):
   del argv
+  from train import perf
+  from train.errors import quiet_libraries
   quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   rows = measure(config)
