@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -182,6 +183,7 @@ def test_a_run_records_the_command_that_made_it(trained):
 def test_a_directory_is_refused_by_every_other_command(trained, tmp_path):
   """An experiment refuses a training run's directory, `train` an experiment's, and the
   commands that read a run say where an experiment's runs are; nothing is changed."""
+  from train.workdir import RunError, check_command
   legacy = tmp_path / 'legacy_run'  # made before directories recorded their command
   shutil.copytree(trained, legacy, ignore=shutil.ignore_patterns('command.json', 'lock'))
   grokking = tmp_path / 'grokking'  # what experiments.grokking writes: no tokenizer, no checkpoint
@@ -199,23 +201,38 @@ def test_a_directory_is_refused_by_every_other_command(trained, tmp_path):
   (sweep / 'runs' / 'a' / 'command.json').write_text(
       '{"command": "experiments.scaling", "kind": "run"}')
   before = {d: listing(d) for d in (trained, legacy, grokking, old_grokking, sweep)}
+  # (command, --workdir, what it makes there: None for a command that reads a run), the refusal
   cases = [
-      (('experiments.grokking', f'--workdir={trained}'),
+      ('experiments.grokking', trained, 'experiment',
        f'{trained} is a training run made by python -m train'),
-      (('experiments.grokking', f'--workdir={legacy}'), f'{legacy} is a training run'),
-      (('experiments.induction', f'--workdir={trained}'), f'{trained} is a training run'),
-      (('train', f'--config={CONFIG}', f'--workdir={grokking}'),
+      ('experiments.grokking', legacy, 'experiment', f'{legacy} is a training run'),
+      ('experiments.induction', trained, 'experiment', f'{trained} is a training run'),
+      ('train', grokking, 'run',
        f"{grokking} is an experiment's work directory made by python -m experiments.grokking"),
-      (('train', f'--config={CONFIG}', f'--workdir={sweep}/runs/a'),
+      ('train', sweep / 'runs' / 'a', 'run',
        f'{sweep}/runs/a is a training run made by python -m experiments.scaling'),
-      (('experiments.scaling', f'--workdir={sweep}/runs/a'),
-       f'inside the work directory of python -m experiments.scaling'),
-      (('eval.sample', f'--workdir={grokking}'),
+      ('experiments.scaling', sweep / 'runs' / 'a', 'experiment',
+       'inside the work directory of python -m experiments.scaling'),
+      ('eval.sample', grokking, None,
        f'{grokking} is the work directory of python -m experiments.grokking, not a training run'),
-      (('eval', f'--workdir={old_grokking}'), f'{old_grokking} holds no training run'),
-      (('eval', f'--workdir={sweep}'), f'its training runs are {sweep}/runs/a'),
+      ('eval', old_grokking, None, f'{old_grokking} holds no training run'),
+      ('eval', sweep, None, f'its training runs are {sweep}/runs/a'),
   ]
-  for (args, message), result in zip(cases, run_all([args for args, _ in cases])):
+  for command, directory, makes, message in cases:
+    with pytest.raises(RunError, match=re.escape(message)):
+      check_command(str(directory), command, makes)
+  # What each command accepts: its own directory, a new one, a run made before the records.
+  check_command(str(trained), 'train', 'run')
+  check_command(str(legacy), 'train', 'run')
+  check_command(str(grokking), 'experiments.grokking', 'experiment')
+  check_command(str(sweep), 'experiments.scaling', 'experiment')
+  check_command(str(tmp_path / 'new'), 'experiments.grokking', 'experiment')
+  for run in (trained, legacy, sweep / 'runs' / 'a'):
+    check_command(str(run), 'eval', None)
+  # The command lines refuse through the one error path, before anything is written.
+  wiring = [(('experiments.grokking', f'--workdir={trained}'), 'is a training run made by'),
+            (('train', f'--config={CONFIG}', f'--workdir={grokking}'), "an experiment's work")]
+  for (args, message), result in zip(wiring, run_all([args for args, _ in wiring])):
     one_error_line(result, message)
   assert {d: listing(d) for d in before} == before
 
@@ -229,7 +246,8 @@ def test_wrong_input_is_one_error_line(trained, tmp_path):
       (('train', f'--config={CONFIG}', f'--workdir={tmp_path}/a', '--config.data.val_fraction=0'),
        'data.val_fraction=0 holds out nothing'),
       (('train', f'--config={CONFIG}', f'--workdir={tmp_path}/b', '--config.train.lr=1e-3',
-        '--config.train.min_lr=1e-2'), 'train.min_lr=0.01 is above train.lr=0.001'),
+        '--config.train.min_lr=1e-2', '--config.train.num_steps=1'),
+       'train.min_lr=0.01 is above train.lr=0.001'),
       (('eval.sample', f'--workdir={trained}', '--max_new_tokens=-3'),
        'flag --max_new_tokens=-3: -3 is not a positive integer'),
       (('train', f'--config={tmp_path}/missing.py', f'--workdir={tmp_path}/a'),
