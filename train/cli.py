@@ -53,8 +53,8 @@ def refuse(message: str) -> None:
 def define_run_config(argv: list[str]) -> None:
   """--config for a command that reads a trained run (evaluation, sampling): the run's own
   resolved config, DIR/config.json of the --workdir in `argv`, which `--config.x.y=...` can
-  override (e.g. --config.train.eval_batch_size=128). Empty when there is no run there: the
-  command then says so."""
+  override (e.g. --config.train.eval_batch_size=128). Empty when there is no run there, or its
+  config.json is unreadable: the command then says so (train.workdir.load_config)."""
   workdir = next((a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')), None)
   if workdir is None and '--workdir' in argv[:-1]:
     workdir = argv[argv.index('--workdir') + 1]
@@ -64,10 +64,8 @@ def define_run_config(argv: list[str]) -> None:
     with open(path) as f:
       try:
         saved = json.load(f)
-      except json.JSONDecodeError as e:  # the words of train.workdir.read_json, without JAX
-        refuse(f'{path} is not valid JSON ({e}); it was cut short or edited. Restore it, or '
-               f'delete it and rerun the command that made the directory with the config it '
-               f'was started with (it is written again)')
+      except json.JSONDecodeError:
+        pass
   config_flags.DEFINE_config_dict('config', ml_collections.ConfigDict(saved),
                                   'The run\'s config (DIR/config.json); override its values with '
                                   '--config.x.y=...', lock_config=True)
@@ -150,18 +148,16 @@ def command(main, workdir_help: str, *, config: str | None = None, makes: str | 
             f'; default experiments/configs/{config}' if config else '') + '.')
     if config:
       sys.argv = with_default_config(sys.argv, os.path.join(CONFIGS, config))
-  run(main, errors, makes=makes, checks_workdir=True)
+  run(main, makes, errors)
 
 
-def run(main, errors: tuple[type[Exception], ...] = (), makes: str | None = None,
-        checks_workdir: bool = False) -> None:
+def run(main, makes: str | None, errors: tuple[type[Exception], ...] = ()) -> None:
   """app.run(main) with `parse_flags`; USER_ERRORS and `errors` from main are reported as one
   line, not a traceback, with exit status 2. A run stopped by a signal (train.preemption) says
   where it stopped, with 128 + the signal's number; Ctrl-C anywhere else, 130. Where libtpu is
   installed but no TPU attached, JAX starts on the CPU without trying TPU
-  (`mesh.prepare_backend`, which also sets XLA's CPU flags). With `checks_workdir`, the
-  --workdir is checked and recorded first (`command`'s `makes`); a refusal takes the record
-  back."""
+  (`mesh.prepare_backend`, which also sets XLA's CPU flags). The --workdir is checked and
+  recorded first (`command`'s `makes`); a refusal takes the record back."""
   def main_reporting_user_errors(argv):
     # After flag parsing: --help need not import JAX.
     from train import workdir as workdir_lib
@@ -173,8 +169,7 @@ def run(main, errors: tuple[type[Exception], ...] = (), makes: str | None = None
     prepare_backend()  # before main creates a JAX backend
     recorded = None
     try:
-      if checks_workdir:
-        recorded = _check_and_record(workdir_lib, flags.FLAGS.workdir, makes)
+      recorded = _check_and_record(workdir_lib, flags.FLAGS.workdir, makes)
       return main(argv)
     except (*USER_ERRORS, *errors) as e:
       if recorded:
