@@ -16,7 +16,6 @@ model.rope_scaling and rope_factor evaluates a RoPE run stretched to a longer co
 
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -24,14 +23,12 @@ from absl import flags
 
 from train import cli
 
-flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
 flags.DEFINE_bool('per_position', False, 'Report the validation loss by position instead.')
 flags.DEFINE_integer('seq_len', None, 'With --per_position: the evaluation length (default: the '
                      'training length data.seq_len); longer reads past the trained context.')
 flags.DEFINE_integer('bucket', None, 'With --per_position: positions per printed bucket (default: '
                      'seq_len / 16).')
-flags.mark_flag_as_required('workdir')
 
 
 def per_position(f) -> None:
@@ -111,5 +108,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.define_run_config(sys.argv)
-  cli.run(main)
+  cli.command(main, 'Work directory of a training run.', config=cli.RUN_CONFIG)

@@ -9,7 +9,6 @@ model/capture.py; layers that are not attention (Mamba, ...) have no row.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
@@ -92,10 +91,7 @@ if __name__ == '__main__':
   from absl import flags
 
   from train import cli
-  flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   flags.DEFINE_string('text', '', 'The text to draw the attention on.')
   flags.DEFINE_string('out', '', 'Where to write the PNG (default DIR/attention.png).')
-  flags.mark_flag_as_required('workdir')
-  cli.define_run_config(sys.argv)
-  cli.run(main)
+  cli.command(main, 'Work directory of a training run.', config=cli.RUN_CONFIG)

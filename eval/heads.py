@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from train import data as data_lib
-from train import step as step_lib
+# JAX is imported in the functions that use it: `python -m eval.heads --help` does not wait for
+# it (seconds of CPU).
 
 # Olsson et al. 2022: the ICL score is the loss of the 500th token minus that of the 50th, in
 # contexts of 512 tokens.
@@ -52,6 +49,7 @@ def repeated_sequences(seed: int, batch: int, period: int, token_ids) -> np.ndar
 
 def induction_scores(probs_BxHxLxL, period: int):
   """(H,) mean attention of second-copy queries i to key i - period + 1."""
+  import jax.numpy as jnp
   L = probs_BxHxLxL.shape[-1]
   queries = jnp.arange(period, min(2 * period, L))
   return jnp.mean(probs_BxHxLxL[:, :, queries, queries - period + 1], axis=(0, 2))
@@ -59,17 +57,20 @@ def induction_scores(probs_BxHxLxL, period: int):
 
 def previous_token_scores(probs_BxHxLxL):
   """(H,) mean attention of queries i >= 1 to key i - 1."""
+  import jax.numpy as jnp
   queries = jnp.arange(1, probs_BxHxLxL.shape[-1])
   return jnp.mean(probs_BxHxLxL[:, :, queries, queries - 1], axis=(0, 2))
 
 
 def next_token_losses(logits_BxLxV, tokens_BxL):
   """(B, L - 1): the loss of predicting tokens[:, t + 1] from the logits at t, in float32."""
+  from train import step as step_lib
   return step_lib.token_losses(logits_BxLxV[:, :-1], tokens_BxL[:, 1:])
 
 
 def copy_losses(losses_BxT, period: int):
   """(first copy loss, second copy loss): mean losses of the targets 1..P-1 and P+1..2P-1."""
+  import jax.numpy as jnp
   return (jnp.mean(losses_BxT[:, :period - 1]),
           jnp.mean(losses_BxT[:, period:2 * period - 1]))
 
@@ -86,6 +87,7 @@ def icl_positions(context: int) -> tuple[int, int]:
 
 def icl_score(losses_BxT, early: int, late: int):
   """Mean loss at position `late` minus mean loss at `early` over the contexts (rows)."""
+  import jax.numpy as jnp
   return jnp.mean(losses_BxT[:, late]) - jnp.mean(losses_BxT[:, early])
 
 
@@ -93,6 +95,7 @@ def head_scores(model, params, tokens_BxL, period: int) -> dict:
   """The probes of one model on repeated sequences `tokens_BxL` (`repeated_sequences`):
   {'induction': (layers, H), 'previous_token': (layers, H), 'first_copy_loss',
   'second_copy_loss'}, with NaN rows for layers that are not attention. Jit-compatible."""
+  import jax.numpy as jnp
   from model.capture import logits_and_attention
   logits_BxLxV, weights = logits_and_attention(model, params, tokens_BxL)
   first, second = copy_losses(next_token_losses(logits_BxLxV, tokens_BxL), period)
@@ -108,12 +111,14 @@ def head_scores(model, params, tokens_BxL, period: int) -> dict:
 
 def context_losses(model, params, inputs_BxL, targets_BxL):
   """(B, L) per-position losses of held-out contexts (the ICL score's input)."""
+  from train import step as step_lib
   return step_lib.token_losses(model.apply({'params': params}, inputs_BxL), targets_BxL)
 
 
 def spaced_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:
   """(at most count, seq_len + 1): windows of a token stream (train.data.PackedSequences) at
   evenly spaced indices, so that every part of a split (every file of a corpus) is sampled."""
+  from train import data as data_lib
   windows = data_lib.PackedSequences(tokens, seq_len)
   index = np.unique(np.linspace(0, len(windows) - 1, count).round().astype(int))
   return np.stack([windows[i] for i in index])
@@ -160,6 +165,8 @@ def probe_tokens(tokenizer) -> np.ndarray:
 
 def main(argv):
   del argv
+  import jax
+  import jax.numpy as jnp
   from absl import flags
 
   from train.restore import load_run
@@ -201,18 +208,15 @@ def main(argv):
 
 def define_flags() -> None:
   from absl import flags
-  flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   flags.DEFINE_integer('period', 0, 'Length of the random sequence that is repeated; 0: half '
                        'the run\'s context.')
   flags.DEFINE_integer('num_sequences', 64, 'Repeated sequences to score the heads on.')
   flags.DEFINE_integer('num_contexts', 256, 'Validation contexts for the ICL score.')
   flags.DEFINE_integer('seed', 0, 'Seed of the random sequences.')
-  flags.mark_flag_as_required('workdir')
 
 
 if __name__ == '__main__':
   from train import cli
   define_flags()
-  cli.define_run_config(sys.argv)
-  cli.run(main)
+  cli.command(main, 'Work directory of a training run.', config=cli.RUN_CONFIG)

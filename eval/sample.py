@@ -11,31 +11,27 @@ distribution, and the acceptance rate and tokens/s are printed after them. --con
 own config, whose values `--config.x.y=...` overrides.
 """
 
-import sys
-
-
 from absl import flags
 
 from train import cli
 
-flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to sample from (default: the latest).')
 flags.DEFINE_string('prompt', '\n', 'Text to continue (with --chat: the user\'s message).')
 flags.DEFINE_bool('chat', False, 'Answer the prompt as a user\'s message in the run\'s chat '
                   'template, stopping at its end of turn.')
 flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
-flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0: all.')
+flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0: all.', lower_bound=0)
 flags.DEFINE_float('top_p', 1.0, 'Sample among the smallest set of tokens with this much '
                    'probability (nucleus); 1: all.')
-flags.DEFINE_integer('max_new_tokens', 500, 'Tokens to generate at most.')
-flags.DEFINE_integer('num_samples', 1, 'Continuations to generate (one batch).')
+flags.DEFINE_integer('max_new_tokens', 500, 'Tokens to generate at most.', lower_bound=1)
+flags.DEFINE_integer('num_samples', 1, 'Continuations to generate (one batch).', lower_bound=1)
 flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 flags.DEFINE_string('stop', None, 'Stop a sample at this token (text that encodes to one '
                     'token, e.g. "\\n"); default: the tokenizer\'s end-of-text, if it has one.')
 flags.DEFINE_string('draft_workdir', None, 'Work directory of a smaller run with the same '
                     'tokenizer: sample by speculative decoding with it as the draft.')
-flags.DEFINE_integer('num_draft', 4, 'With --draft_workdir: tokens the draft proposes per round.')
-flags.mark_flag_as_required('workdir')
+flags.DEFINE_integer('num_draft', 4, 'With --draft_workdir: tokens the draft proposes per round.',
+                     lower_bound=1)
 
 
 
@@ -137,5 +133,4 @@ def _speculative(model, run, draft, prompts, sampling, stop):
 
 
 if __name__ == '__main__':
-  cli.define_run_config(sys.argv)
-  cli.run(main)
+  cli.command(main, 'Work directory of a training run.', config=cli.RUN_CONFIG)

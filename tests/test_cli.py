@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -155,3 +156,139 @@ def test_train_without_a_config_names_the_configs(tmp_path):
   assert result.returncode == 2
   assert 'error: --config is required' in result.stderr and 'shakespeare_char.py' in (
       result.stderr)
+
+
+def listing(directory) -> dict:
+  """Every file under `directory` with its bytes: what a refusal must leave as it was."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
+
+
+def one_error_line(result: tuple, message: str) -> None:
+  code, _, err = result
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert err.startswith('error: ') and message in err, err
+
+
+def test_a_run_records_the_command_that_made_it(trained):
+  with open(os.path.join(trained, 'command.json')) as f:
+    assert json.load(f) == {'command': 'train', 'kind': 'run'}
+
+
+def test_a_directory_is_refused_by_every_other_command(trained, tmp_path):
+  """An experiment refuses a training run's directory, `train` an experiment's, and the
+  commands that read a run say where an experiment's runs are; nothing is changed."""
+  from train.workdir import RunError, check_command
+  legacy = tmp_path / 'legacy_run'  # made before directories recorded their command
+  shutil.copytree(trained, legacy, ignore=shutil.ignore_patterns('command.json', 'lock'))
+  grokking = tmp_path / 'grokking'  # what experiments.grokking writes: no tokenizer, no checkpoint
+  grokking.mkdir()
+  (grokking / 'command.json').write_text('{"command": "experiments.grokking", '
+                                         '"kind": "experiment"}')
+  (grokking / 'config.json').write_text('{"task": {"prime": 59}, "train": {"lr": 0.01}}')
+  (grokking / 'summary.json').write_text('{}')
+  old_grokking = tmp_path / 'old_grokking'
+  shutil.copytree(grokking, old_grokking, ignore=shutil.ignore_patterns('command.json'))
+  sweep = tmp_path / 'sweep'  # an experiment whose training runs live in DIR/runs/<name>
+  (sweep / 'runs').mkdir(parents=True)
+  (sweep / 'command.json').write_text('{"command": "experiments.scaling", "kind": "experiment"}')
+  shutil.copytree(trained, sweep / 'runs' / 'a', ignore=shutil.ignore_patterns('command.json'))
+  (sweep / 'runs' / 'a' / 'command.json').write_text(
+      '{"command": "experiments.scaling", "kind": "run"}')
+  before = {d: listing(d) for d in (trained, legacy, grokking, old_grokking, sweep)}
+  # (command, --workdir, what it makes there: None for a command that reads a run), the refusal
+  cases = [
+      ('experiments.grokking', trained, 'experiment',
+       f'{trained} is a training run made by python -m train'),
+      ('experiments.grokking', legacy, 'experiment', f'{legacy} is a training run'),
+      ('experiments.induction', trained, 'experiment', f'{trained} is a training run'),
+      ('train', grokking, 'run',
+       f"{grokking} is an experiment's work directory made by python -m experiments.grokking"),
+      ('train', sweep / 'runs' / 'a', 'run',
+       f'{sweep}/runs/a is a training run made by python -m experiments.scaling'),
+      ('experiments.scaling', sweep / 'runs' / 'a', 'experiment',
+       'inside the work directory of python -m experiments.scaling'),
+      ('eval.sample', grokking, None,
+       f'{grokking} is the work directory of python -m experiments.grokking, not a training run'),
+      ('eval', old_grokking, None, f'{old_grokking} holds no training run'),
+      ('eval', sweep, None, f'its training runs are {sweep}/runs/a'),
+  ]
+  for command, directory, makes, message in cases:
+    with pytest.raises(RunError, match=re.escape(message)):
+      check_command(str(directory), command, makes)
+  # What each command accepts: its own directory, a new one, a run made before the records.
+  check_command(str(trained), 'train', 'run')
+  check_command(str(legacy), 'train', 'run')
+  check_command(str(grokking), 'experiments.grokking', 'experiment')
+  check_command(str(sweep), 'experiments.scaling', 'experiment')
+  check_command(str(tmp_path / 'new'), 'experiments.grokking', 'experiment')
+  for run in (trained, legacy, sweep / 'runs' / 'a'):
+    check_command(str(run), 'eval', None)
+  # The command lines refuse through the one error path, before anything is written.
+  wiring = [(('experiments.grokking', f'--workdir={trained}'), 'is a training run made by'),
+            (('train', f'--config={CONFIG}', f'--workdir={grokking}'), "an experiment's work")]
+  for (args, message), result in zip(wiring, run_all([args for args, _ in wiring])):
+    one_error_line(result, message)
+  assert {d: listing(d) for d in before} == before
+
+
+def test_wrong_input_is_one_error_line(trained, tmp_path):
+  cut = tmp_path / 'cut'
+  shutil.copytree(trained, cut)
+  config = (cut / 'config.json').read_text()
+  (cut / 'config.json').write_text(config[:len(config) // 2])
+  cases = [
+      (('train', f'--config={CONFIG}', f'--workdir={tmp_path}/a', '--config.data.val_fraction=0'),
+       'data.val_fraction=0 holds out nothing'),
+      (('train', f'--config={CONFIG}', f'--workdir={tmp_path}/b', '--config.train.lr=1e-3',
+        '--config.train.min_lr=1e-2', '--config.train.num_steps=1'),
+       'train.min_lr=0.01 is above train.lr=0.001'),
+      (('eval.sample', f'--workdir={trained}', '--max_new_tokens=-3'),
+       'flag --max_new_tokens=-3: -3 is not a positive integer'),
+      (('train', f'--config={tmp_path}/missing.py', f'--workdir={tmp_path}/a'),
+       f'--config={tmp_path}/missing.py: no such file'),
+      (('experiments.grokking', f'--config={tmp_path}/missing.py', f'--workdir={tmp_path}/c'),
+       f'--config={tmp_path}/missing.py: no such file'),
+      (('eval', f'--workdir={cut}'), f'{cut}/config.json is not valid JSON'),
+      (('train', f'--config={CONFIG}', f'--workdir={cut}'), f'{cut}/config.json is not valid JSON'),
+  ]
+  for (args, message), result in zip(cases, run_all([args for args, _ in cases])):
+    one_error_line(result, message)
+  assert sorted(os.listdir(tmp_path)) == ['cut']  # refused: nothing else was even created
+
+
+def test_a_cut_short_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+  from train.metric_writer import MetricWriter
+  from train.workdir import RunError
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 10, "loss": 2.0}\n{"step": 20, "loss": 1.5}\n{"step": 30, "lo')
+  MetricWriter(str(tmp_path), start_step=30).close()  # a kill mid-write: normal
+  assert path.read_text() == '{"step": 10, "loss": 2.0}\n{"step": 20, "loss": 1.5}\n'
+  assert 'warning: dropping the last line' in capsys.readouterr().out
+  path.write_text('{"step": 10, "lo\n{"step": 20, "loss": 1.5}\n')  # damaged, not cut short
+  with pytest.raises(RunError, match='metrics.jsonl line 1 is not JSON'):
+    MetricWriter(str(tmp_path), start_step=30)
+  assert path.read_text() == '{"step": 10, "lo\n{"step": 20, "loss": 1.5}\n'
+
+
+def test_help_does_not_import_jax():
+  """--help answers without importing JAX (seconds of CPU): nothing it prints needs it."""
+  code = ('import runpy, sys\n'
+          'sys.argv = [sys.argv[1], "--help"]\n'
+          'try:\n'
+          '  runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)\n'
+          'except SystemExit as e:\n'
+          '  assert not e.code, e.code\n'
+          'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax")))\n')
+  processes = [subprocess.Popen([sys.executable, '-c', code, command], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for command in COMMANDS]
+  for command, p in zip(COMMANDS, processes):
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, (command, err)
+    assert out.strip().splitlines()[-1] == '[]', (command, out[-300:])

@@ -10,13 +10,9 @@ and every process trains its share of each batch on the mesh of all hosts' devic
 
 
 from absl import flags
-from ml_collections import config_flags
 
 from train import cli
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/configs/*.py).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Work directory: config, tokenizer, checkpoints, metrics.')
 flags.DEFINE_string('init_from', None, 'Start from the parameters and tokenizer of the run in this '
                     'work directory (fine-tuning, other data); the same as '
                     '--config.train.init_from. It is only read.')
@@ -33,7 +29,6 @@ flags.DEFINE_string('compile_for', None,
                     'run for it ahead of time on this machine (libtpu: pip install -e ".[tpu]"), '
                     'print per chip whether it fits and its estimated speed, write '
                     'DIR/compile.json; trains nothing (docs/tpu.md).')
-flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
@@ -60,4 +55,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.command(main, 'Work directory: config, tokenizer, checkpoints, metrics.', makes='run')

@@ -1,6 +1,10 @@
-"""What every command line shares: a flags parser that reports an unknown `--config.x.y` key as
-one clear line (config_flags raises a bare AttributeError), and running `main` with it so that
-wrong input (train.errors.USER_ERRORS) ends as one 'error: ...' line and exit status 2."""
+"""What every command line shares: its --workdir and --config flags (`command`, one call from
+each command's `if __name__ == '__main__':` block), a flags parser that reports an unknown
+`--config.x.y` key or a missing config file as one clear line (config_flags raises a bare
+AttributeError or OSError), a check of the --workdir against the command that made it
+(train.workdir.check_command), and running `main` so that wrong input (train.errors.USER_ERRORS)
+ends as one 'error: ...' line and exit status 2. Nothing here imports JAX before the flags are
+parsed: `--help` answers at once."""
 
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ import sys
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
+
+# The flags `command` defines belong to the command that calls it: --help lists them.
+flags.disclaim_key_flags()
 
 
 def _unknown_config_key(argv: list[str]) -> str | None:
@@ -37,11 +44,17 @@ def _unknown_config_key(argv: list[str]) -> str | None:
   return None
 
 
+def refuse(message: str) -> None:
+  """The one way a command line refuses its input: 'error: message' on stderr, exit status 2."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def define_run_config(argv: list[str]) -> None:
   """--config for a command that reads a trained run (evaluation, sampling): the run's own
   resolved config, DIR/config.json of the --workdir in `argv`, which `--config.x.y=...` can
-  override (e.g. --config.train.eval_batch_size=128). Empty when there is no run there: the
-  command then says so."""
+  override (e.g. --config.train.eval_batch_size=128). Empty when there is no run there, or its
+  config.json is unreadable: the command then says so (train.workdir.load_config)."""
   workdir = next((a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')), None)
   if workdir is None and '--workdir' in argv[:-1]:
     workdir = argv[argv.index('--workdir') + 1]
@@ -49,17 +62,23 @@ def define_run_config(argv: list[str]) -> None:
   saved = {}
   if workdir and os.path.exists(path):
     with open(path) as f:
-      saved = json.load(f)
+      try:
+        saved = json.load(f)
+      except json.JSONDecodeError:
+        pass
   config_flags.DEFINE_config_dict('config', ml_collections.ConfigDict(saved),
                                   'The run\'s config (DIR/config.json); override its values with '
                                   '--config.x.y=...', lock_config=True)
 
 
+HELP = ('--help', '-h', '--helpshort', '--helpfull')
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except SystemExit as e:  # absl exits with 1 after printing the help asked for
-    if e.code == 1 and any(a in ('--help', '-h', '--helpshort', '--helpfull') for a in argv):
+    if e.code == 1 and any(a in HELP for a in argv):
       sys.exit(0)
     raise
   except (AttributeError, KeyError, flags.Error) as e:
@@ -67,8 +86,15 @@ def parse_flags(argv: list[str]) -> list[str]:
       message = _unknown_config_key(argv)
     except Exception:  # the config file itself is broken: absl's message is the best we have
       message = None
-    print(f'error: {message or e}', file=sys.stderr)
-    sys.exit(2)
+    refuse(message or str(e))
+  config = flags.FLAGS.config if 'config' in flags.FLAGS else None
+  if config is not None:
+    try:
+      config.get  # config_flags keeps a file it could not read as a value raising OSError on use
+    except OSError:
+      refuse(f'--config={flags.FLAGS["config"].config_filename}: no such file; give a config '
+             f'file, e.g. one of experiments/configs/ ({", ".join(_config_names())})')
+  return rest
 
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments',
@@ -80,41 +106,75 @@ def with_default_config(argv: list[str], path: str) -> list[str]:
   config. The default goes in as a flag, not as the flag's default: config_flags would apply a
   default's --config.* overrides as the flag is defined, outside `run`'s clear error for
   unknown keys."""
-  if any(a == '--config' or a.startswith('--config=') for a in argv):
-    return argv
+  if any(a == '--config' or a.startswith('--config=') or a in HELP for a in argv):
+    return argv  # with --help, not loaded: the default's imports (JAX) would only slow it
   return [argv[0], f'--config={path}', *argv[1:]]
+
+
+def _config_names() -> list[str]:
+  return sorted(f for f in os.listdir(CONFIGS) if f.endswith('.py') and f != '__init__.py')
 
 
 def require_config(config) -> None:
   """A command whose --config has no natural default names the configs to choose from."""
   if config is None:
     from model.config import ConfigError
-    names = sorted(f for f in os.listdir(CONFIGS) if f.endswith('.py') and f != '__init__.py')
     raise ConfigError(f'--config is required: a config file, e.g. one of experiments/configs/ '
-                      f'({", ".join(names)})')
+                      f'({", ".join(_config_names())})')
 
 
-def run(main, errors: tuple[type[Exception], ...] = ()) -> None:
+RUN_CONFIG = 'the run\'s'  # `command(config=...)` of a command that reads a trained run
+
+
+def command(main, workdir_help: str, *, config: str | None = None, makes: str | None = None,
+            errors: tuple[type[Exception], ...] = ()) -> None:
+  """A command's --workdir (required) and --config, then `run`: the whole command line of a
+  command, called once from its `if __name__ == '__main__':` block after its own flags.
+
+  config: the file in experiments/configs/ taken when no --config is given ('grokking.py'); None
+    for a command that requires one (train); RUN_CONFIG for a command that reads a trained run:
+    DIR/config.json of its --workdir, overridable with --config.x.y=... (`define_run_config`).
+  makes: what the command writes at --workdir: 'run' (a training run) or 'experiment' (its own
+    directory; its training runs in subdirectories); None for a command that reads a training
+    run there. Checked against the directory's record and recorded before `main` runs
+    (train.workdir.check_command)."""
+  flags.DEFINE_string('workdir', None, workdir_help)
+  flags.mark_flag_as_required('workdir')
+  if config == RUN_CONFIG:
+    define_run_config(sys.argv)
+  else:
+    config_flags.DEFINE_config_file(
+        'config', None, 'Experiment config file (experiments/configs/*.py)' + (
+            f'; default experiments/configs/{config}' if config else '') + '.')
+    if config:
+      sys.argv = with_default_config(sys.argv, os.path.join(CONFIGS, config))
+  run(main, makes, errors)
+
+
+def run(main, makes: str | None, errors: tuple[type[Exception], ...] = ()) -> None:
   """app.run(main) with `parse_flags`; USER_ERRORS and `errors` from main are reported as one
   line, not a traceback, with exit status 2. A run stopped by a signal (train.preemption) says
   where it stopped, with 128 + the signal's number; Ctrl-C anywhere else, 130. Where libtpu is
   installed but no TPU attached, JAX starts on the CPU without trying TPU
-  (`mesh.prepare_backend`, which also sets XLA's CPU flags)."""
+  (`mesh.prepare_backend`, which also sets XLA's CPU flags). The --workdir is checked and
+  recorded first (`command`'s `makes`); a refusal takes the record back."""
   def main_reporting_user_errors(argv):
     # After flag parsing: --help need not import JAX.
+    from train import workdir as workdir_lib
     from train.errors import USER_ERRORS
     from train.mesh import prepare_backend
     from train.preemption import Interrupted
     if len(argv) > 1:
-      print(f'error: unexpected arguments {argv[1:]}; every value is given as --flag=value',
-            file=sys.stderr)
-      sys.exit(2)
+      refuse(f'unexpected arguments {argv[1:]}; every value is given as --flag=value')
     prepare_backend()  # before main creates a JAX backend
+    recorded = None
     try:
+      recorded = _check_and_record(workdir_lib, flags.FLAGS.workdir, makes)
       return main(argv)
     except (*USER_ERRORS, *errors) as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
+      if recorded:
+        recorded()
+      refuse(str(e))
     except Interrupted as e:
       print(e, file=sys.stderr)
       sys.exit(e.exit_code)
@@ -123,3 +183,24 @@ def run(main, errors: tuple[type[Exception], ...] = ()) -> None:
       sys.exit(130)
 
   app.run(main_reporting_user_errors, flags_parser=parse_flags)
+
+
+def _check_and_record(workdir_lib, workdir: str, makes: str | None):
+  """Refuses a --workdir that another command made (train.workdir.check_command); for a command
+  that makes one, records it. Returns what takes the record back (a refused command leaves the
+  directory as it found it), or None."""
+  name = workdir_lib.running_command()
+  if name is None:
+    return None
+  workdir_lib.check_command(workdir, name, makes)
+  if makes is None:
+    return None
+  existed = os.path.exists(workdir)
+  if not workdir_lib.record_command(workdir, makes, name):
+    return None
+
+  def take_back():
+    os.remove(os.path.join(workdir, workdir_lib.COMMAND_FILE))
+    if not existed and not os.listdir(workdir):
+      os.rmdir(workdir)
+  return take_back

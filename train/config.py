@@ -89,6 +89,9 @@ def _check_section(section, name: str, checks: dict) -> None:
 def check_train(tc) -> None:
   """Raises ConfigError for the first invalid field of a `train` section."""
   _check_section(tc, 'train', TRAIN_CHECKS)
+  if 'min_lr' in tc and 'lr' in tc and tc.min_lr > tc.lr:
+    raise ConfigError(f'train.min_lr={tc.min_lr!r} is above train.lr={tc.lr!r}: the schedule '
+                      f'decays from lr to min_lr, so give a min_lr <= lr (e.g. lr / 10)')
   if 'grad_accum_steps' in tc and tc.batch_size % tc.grad_accum_steps:
     raise ConfigError(f'train.grad_accum_steps={tc.grad_accum_steps} does not divide '
                       f'train.batch_size={tc.batch_size}; each micro-batch takes batch_size / '
@@ -98,6 +101,10 @@ def check_train(tc) -> None:
 def check_data(dc) -> None:
   """Raises ConfigError for the first invalid field of a `data` section."""
   _check_section(dc, 'data', DATA_CHECKS)
+  if dc.get('val_fraction') == 0:
+    raise ConfigError('data.val_fraction=0 holds out nothing, and a run needs a validation split '
+                      '(for its evaluations and the final loss); give a fraction in (0, 1), e.g. '
+                      '0.1')
   if not (dc.path or dc.tfds_name or dc.tfds_fallback):
     raise ConfigError('no corpus configured: set --config.data.path to a text file or directory, '
                       'or --config.data.tfds_name to a TFDS catalog dataset')

@@ -10,6 +10,8 @@ import shutil
 
 import numpy as np
 
+from train.workdir import RunError
+
 
 class MetricWriter:
   """Appends to metrics.jsonl and to TensorBoard event files. A run that starts at `start_step`
@@ -34,11 +36,22 @@ class MetricWriter:
     self._tb.flush()
 
   def _truncate_after(self, step: int) -> list[dict]:
-    """Keeps the rows of metrics.jsonl up to `step`; returns them."""
+    """Keeps the rows of metrics.jsonl up to `step`; returns them. A last line cut short (the
+    process was killed while writing it) is dropped with a warning: the step it logged is past
+    the checkpoint the run resumes from anyway. A damaged line before it is refused."""
     if not os.path.exists(self.path):
       return []
     with open(self.path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+      lines = [line for line in f if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        if number < len(lines):
+          raise RunError(f'{self.path} line {number} is not JSON ({e}); repair or delete that '
+                         f'line, then resume') from None
+        print(f'warning: dropping the last line of {self.path}, cut short: {line.strip()[:60]!r}')
     kept = [row for row in rows if row['step'] <= step]
     with open(self.path, 'w') as f:
       f.writelines(json.dumps(row) + '\n' for row in kept)

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from typing import Callable
 
 import ml_collections
@@ -26,6 +27,11 @@ from train.progress import phase
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
+COMMAND_FILE = 'command.json'
+# What a command makes at its --workdir: a training run (train.loop: config, tokenizer,
+# checkpoints; what `eval`, `eval.sample` and `--init_from` read), or an experiment's own directory
+# (its results, and its training runs in subdirectories).
+RUN, EXPERIMENT = 'run', 'experiment'
 
 # Model fields a resumed run may change: they do not change the parameter tree.
 RESUMABLE_MODEL_FIELDS = {'dropout', 'attention_impl', 'attention_window', 'remat', 'dtype',
@@ -50,17 +56,127 @@ class RunError(ValueError):
   """A work directory that does not fit the requested run; nothing in it was changed."""
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict | None:
-  path = os.path.join(workdir, CONFIG_FILE)
+def read_json(path: str) -> dict | None:
+  """The JSON object in `path`, None when there is no such file; RunError when it is not JSON
+  (e.g. cut short by a kill or a full disk)."""
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise RunError(f'{path} is not valid JSON ({e}); it was cut short or edited. Restore it, '
+                     f'or delete it and rerun the command that made the directory with the '
+                     f'config it was started with (it is written again)') from None
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def load_config(workdir: str) -> ml_collections.ConfigDict | None:
+  saved = read_json(os.path.join(workdir, CONFIG_FILE))
+  return None if saved is None else ml_collections.ConfigDict(saved)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str, kind: str = RUN) -> None:
+  """DIR/config.json; and, the first time, which command made DIR and what kind it is (`RUN`
+  for train.loop's runs, wherever they are, an experiment's subdirectories included)."""
+  record_command(workdir, kind)
   with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
     f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Which command made a directory: DIR/command.json, {"command": "experiments.grokking", "kind":
+# "experiment"}. A command writes only into a directory it made itself (or a new one), and the
+# commands that read a run read only training runs, so that no command overwrites another's
+# files or crashes on them. Directories made before the record existed are judged by their files.
+
+
+def running_command() -> str | None:
+  """The `python -m` command of this process ('train', 'experiments.grokking'); None outside one
+  of the project's commands (a test, a notebook), which records nothing."""
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  name = spec.name.removesuffix('.__main__') if spec else ''
+  return name if name.split('.')[0] in ('train', 'eval', 'experiments') else None
+
+
+def made_by(workdir: str) -> dict | None:
+  """DIR/command.json's {'command', 'kind'}; None for a directory without one."""
+  return read_json(os.path.join(workdir, COMMAND_FILE))
+
+
+def record_command(workdir: str, kind: str, command: str | None = None) -> bool:
+  """Writes DIR/command.json unless it exists (or no command runs); whether this call wrote it."""
+  command = command or running_command()
+  if command is None:
+    return False
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, COMMAND_FILE)
+  scratch = f'{path}.{os.getpid()}'
+  with open(scratch, 'w') as f:
+    json.dump({'command': command, 'kind': kind}, f)
+  try:
+    os.link(scratch, path)  # whole or not at all, and one writer even when two processes race
+    return True
+  except FileExistsError:
+    return False
+  finally:
+    os.remove(scratch)
+
+
+def _kind_from_files(workdir: str) -> str | None:
+  """RUN for a directory without a record that holds a training run's files."""
+  return RUN if os.path.isdir(os.path.join(workdir, 'checkpoints')) or os.path.isdir(
+      os.path.join(workdir, 'tokenizer')) else None
+
+
+def runs_below(workdir: str) -> list[str]:
+  """The training runs in DIR's subdirectories (DIR/x, DIR/runs/x), where experiments keep
+  theirs."""
+  found = []
+  for parent in (workdir, os.path.join(workdir, 'runs')):
+    if not os.path.isdir(parent):
+      continue
+    for name in sorted(os.listdir(parent)):
+      path = os.path.join(parent, name)
+      if os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_FILE)) and (
+          (made_by(path) or {}).get('kind', _kind_from_files(path)) == RUN):
+        found.append(path)
+  return found
+
+
+def check_command(workdir: str, command: str, makes: str | None) -> None:
+  """Raises RunError, before anything is written, when `command` may not use `workdir`: one that
+  makes a directory (`makes` RUN or EXPERIMENT) writes only into its own kind of directory made
+  by itself; one that reads a run (`makes` None) reads only training runs (an experiment's own,
+  in its subdirectories, included)."""
+  record = made_by(workdir)
+  kind = record['kind'] if record else _kind_from_files(workdir)
+  other = f'python -m {record["command"]}' if record else 'python -m train (or an experiment)'
+  what = {RUN: 'a training run', EXPERIMENT: 'an experiment\'s work directory'}
+  if makes is None:
+    config = os.path.exists(os.path.join(workdir, CONFIG_FILE))
+    if kind == RUN or (record is None and not config and not runs_below(workdir)):
+      return  # a run, or nothing at all (which the command itself reports)
+    if record is None and config and not os.path.isdir(os.path.join(workdir, 'tokenizer')):
+      raise RunError(f'{workdir} holds no training run: its {CONFIG_FILE} has no tokenizer/ or '
+                     f'checkpoints/ beside it (an experiment\'s results, e.g. grokking\'s); give '
+                     f'the --workdir of a python -m train run')
+    runs = runs_below(workdir)
+    where = (f'its training runs are {", ".join(runs)}: give one of them as --workdir' if runs
+             else 'it holds no training run to read')
+    maker = f'the work directory of python -m {record["command"]}' if record else (
+        'an experiment\'s work directory')
+    raise RunError(f'{workdir} is {maker}, not a training run; {where}')
+  if record is None and (kind is None or kind == makes):
+    return  # new, or made before directories recorded their command
+  if record and record['command'] == command and kind == makes:
+    return
+  if record and record['command'] == command:
+    raise RunError(f'{workdir} is {what[kind]} inside the work directory of python -m {command}; '
+                   f'give {command} its own --workdir (the directory above), or a new one')
+  raise RunError(f'{workdir} is {what[kind]} made by {other}; python -m {command} writes only '
+                 f'into a directory it made, so nothing was changed: give it a new --workdir'
+                 + (f' (with --init_from={workdir} to start from its parameters)'
+                    if command == 'train' and kind == RUN else ''))
 
 
 def flatten(d: dict, prefix: str = '') -> dict:

@@ -19,20 +19,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from train import cli
 from train.progress import say
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'benchmark.py')
 
 
 def _train_config(shape) -> ml_collections.ConfigDict:
@@ -45,6 +40,7 @@ def _train_config(shape) -> ml_collections.ConfigDict:
 def peak_memory_bytes(compiled) -> int:
   """The device's own high-water mark where it keeps one (GPUs, TPUs); otherwise what XLA's
   buffer assignment of the compiled program needs (CPU)."""
+  import jax
   stats = jax.devices()[0].memory_stats()
   if stats and 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use'])
@@ -93,6 +89,8 @@ def bench_decode(name: str, shape, context: int, repeats: int) -> dict:
   whole compiled `generate` call, the prompt's prefill included (what a user waits for). The
   uncached baseline recomputes the full forward pass for every token."""
   import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
 
   from model.decode import Sampling, generate, generate_uncached
   from model import LM, ModelConfig
@@ -115,6 +113,8 @@ def bench_decode(name: str, shape, context: int, repeats: int) -> dict:
 
 def main(argv):
   del argv
+  import jax
+
   from model.config import ConfigError
   from train import perf
   from train.errors import quiet_libraries
@@ -178,9 +178,5 @@ def format_table(result: dict) -> str:
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Benchmark config; default '
-                                  'experiments/configs/benchmark.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Where benchmark.json is written.')
-  flags.mark_flag_as_required('workdir')
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Where benchmark.json is written.', config='benchmark.py',
+              makes='experiment')

@@ -12,14 +12,11 @@ median over the logged windows of training steps (compilation and evaluation exc
 
 import json
 import os
-import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from train import cli
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'moe_benchmark.py')
 
 
 def run_configs(config) -> dict:
@@ -109,9 +106,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Benchmark config; default '
-                                  'experiments/configs/moe_benchmark.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Directory for the runs and moe_benchmark.json.')
-  flags.mark_flag_as_required('workdir')
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Directory for the runs and moe_benchmark.json.', config='moe_benchmark.py',
+              makes='experiment')

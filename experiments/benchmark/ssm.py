@@ -15,14 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from train import cli
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'ssm_benchmark.py')
 
 
 def block_gradient(cfg, mixer: str, batch: int, length: int):
@@ -161,9 +158,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Benchmark config; default '
-                                  'experiments/configs/ssm_benchmark.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Directory for ssm_benchmark.json and ssm_benchmark.png.')
-  flags.mark_flag_as_required('workdir')
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Directory for ssm_benchmark.json and ssm_benchmark.png.',
+              config='ssm_benchmark.py', makes='experiment')

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from train import cli
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'benchmark_tpu.py')
 RESULTS_FILE = 'benchmark_tpu.json'
 
 
@@ -100,9 +97,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Runs and slices to compile for; default '
-                                  'experiments/configs/benchmark_tpu.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Where benchmark_tpu.json is written.')
-  flags.mark_flag_as_required('workdir')
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Where benchmark_tpu.json is written.', config='benchmark_tpu.py',
+              makes='experiment')

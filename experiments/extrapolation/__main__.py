@@ -27,16 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import ml_collections
 from absl import flags
-from ml_collections import config_flags
 
 from train import cli
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'extrapolation.py')
 ATTENTION_SCHEMES = ('rope', 'alibi', 'sinusoidal', 'learned', 'none')
 SCHEMES = ATTENTION_SCHEMES + ('mamba',)
 RESULT_FILE = 'extrapolation.json'
@@ -195,14 +192,10 @@ def main(argv):
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file; default '
-                                  'experiments/configs/extrapolation.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Work directory: the runs, summary.json and the plot.')
   flags.DEFINE_bool('plot_only', False, 'Draw the plot again from DIR/summary.json.')
-  flags.mark_flags_as_required(['workdir'])
 
 
 if __name__ == '__main__':
   define_flags()
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Work directory: the runs, summary.json and the plot.',
+              config='extrapolation.py', makes='experiment')

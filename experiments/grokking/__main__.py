@@ -37,30 +37,18 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
-from experiments.grokking import arithmetic, fourier, plots
-from model import LM, ModelConfig, count_params
-from model.config import ConfigError
-from train import cli, optim, step as step_lib
-from train.errors import quiet_libraries
-from train.grokfast import grokfast_ema
-from train.loop import init_state
-from train.mesh import make_mesh
-from train.metric_writer import MetricWriter
-from train.progress import Progress
-from train.workdir import save_config
+from train import cli
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'grokking.py')
+# JAX, the model and the task are imported in the functions that use them, as in the other
+# experiments: `--help` answers without them.
+
 SINGLE_DEVICE = {'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}
 THRESHOLD = 0.99  # accuracy that counts as memorised (train) and generalised (validation)
 OUTPUTS = ('metrics.jsonl', 'summary.json', 'grokking.png', 'fourier.png', 'tensorboard')
@@ -72,6 +60,8 @@ def first_step(rows: list[dict], key: str, threshold: float = THRESHOLD) -> int 
 
 
 def check_config(config) -> None:
+  from experiments.grokking import arithmetic
+  from model.config import ConfigError
   t = config.train
   arithmetic.check_task(config.task.operation, config.task.prime, config.task.train_fraction)
   if min(t.eval_every, t.steps_per_call, t.num_steps) <= 0 or (
@@ -87,6 +77,9 @@ def check_config(config) -> None:
 
 def accuracy(model, params, split):
   """(mean loss, accuracy) of the answers of a split, all rows at once."""
+  import jax.numpy as jnp
+
+  from train import step as step_lib
   logits_Bx1xV = model.apply({'params': params}, split['inputs'], last_only=True)
   correct = jnp.argmax(logits_Bx1xV, axis=-1) == split['targets']
   return (jnp.mean(step_lib.token_losses(logits_Bx1xV, split['targets'])),
@@ -98,6 +91,7 @@ def make_call(step, evaluate, eval_every: int):
   `eval_every` full-batch steps then evaluate(params, train_split, val_split), in one compiled
   program. The splits are arguments (not constants folded into the program) that every step
   closes over; metrics come back stacked, (num_evals,) each."""
+  import jax
   def call(state, train_split, val_split, num_evals):
     def steps_then_eval(state, _):
       state, _ = jax.lax.scan(lambda s, _: step(s, train_split), state, None, length=eval_every)
@@ -111,15 +105,24 @@ def make_call(step, evaluate, eval_every: int):
 class Setup:
   """What a run is built from: the task's splits, the model, the step and evaluation functions
   (pure, to be compiled together by `make_call`) and the initial train state."""
-  task: arithmetic.Task
-  model_cfg: ModelConfig
-  model: LM
+  task: 'experiments.grokking.arithmetic.Task'
+  model_cfg: 'model.ModelConfig'
+  model: 'model.LM'
   step: Callable
   evaluate: Callable
-  state: step_lib.TrainState
+  state: 'train.step.TrainState'
 
 
 def build(config) -> Setup:
+  import jax
+  import jax.numpy as jnp
+
+  from experiments.grokking import arithmetic, fourier
+  from model import LM, ModelConfig
+  from train import optim, step as step_lib
+  from train.grokfast import grokfast_ema
+  from train.loop import init_state
+  from train.mesh import make_mesh
   check_config(config)
   tc = config.train
   task = arithmetic.load(config.task)
@@ -159,12 +162,19 @@ def clear_outputs(workdir: str) -> None:
 def train(config, workdir: str) -> dict:
   """One run: trains until it generalises (then on to `train.stop_after_grok` x that step) or
   for num_steps, and writes metrics.jsonl, summary.json and the plots. Returns the summary."""
+  import jax
+
+  from experiments.grokking import arithmetic, fourier, plots
+  from model import count_params
+  from train.metric_writer import MetricWriter
+  from train.progress import Progress
+  from train.workdir import EXPERIMENT, save_config
   start = time.time()
   tc = config.train
   setup = build(config)
   task, state = setup.task, setup.state
   clear_outputs(workdir)
-  save_config(config, workdir)
+  save_config(config, workdir, kind=EXPERIMENT)  # a grokking run: not one `eval` reads
   train_split, val_split = jax.device_put(task.train), jax.device_put(task.validation)
   call = make_call(setup.step, setup.evaluate, tc.eval_every)
 
@@ -244,6 +254,7 @@ def train(config, workdir: str) -> dict:
 def sweep(config, workdir: str) -> list[dict]:
   """One run per (weight decay, train fraction) of config.sweep, in workdir/wd<w>_frac<f>/;
   then sweep.json and sweep.png."""
+  from experiments.grokking import plots
   results = []
   for weight_decay in config.sweep.weight_decays:
     for fraction in config.sweep.train_fractions:
@@ -261,6 +272,7 @@ def sweep(config, workdir: str) -> list[dict]:
 
 def main(argv):
   del argv
+  from train.errors import quiet_libraries
   quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if flags.FLAGS.sweep:
@@ -272,15 +284,11 @@ def main(argv):
 def define_flags() -> None:
   """The command line's flags; defined only when run as a command, so that importing this module
   (tests, notebooks) leaves absl's global flags alone."""
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file; default '
-                                  'experiments/configs/grokking.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Work directory: metrics, summary and plots.')
   flags.DEFINE_bool('sweep', False, 'Sweep config.sweep.train_fractions x weight_decays instead '
                     'of one run, and plot steps to generalise against the training fraction.')
-  flags.mark_flags_as_required(['workdir'])
 
 
 if __name__ == '__main__':
   define_flags()
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Work directory: metrics, summary and plots.', config='grokking.py',
+              makes='experiment')

@@ -2,22 +2,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
-import experiments.grokking.__main__ as grokking
-from train import cli, optim, perf, step as step_lib
-from train.errors import quiet_libraries
-
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'grokking_bench.py')
+from train import cli
 
 
 def measure(config) -> list[dict]:
+  import jax
+  import jax.numpy as jnp
+
+  import experiments.grokking.__main__ as grokking
+  from train import optim, perf, step as step_lib
   setup = grokking.build(config)
   train = jax.device_put(setup.task.train)
   full = dict(train, targets=jnp.concatenate([train['inputs'][:, 1:], train['targets']], axis=1),
@@ -57,6 +54,8 @@ def measure(config) -> list[dict]:
 
 def main(argv):
   del argv
+  from train import perf
+  from train.errors import quiet_libraries
   quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   rows = measure(config)
@@ -74,9 +73,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Benchmark config; default '
-                                  'experiments/configs/grokking_bench.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Where grokking_bench.json is written.')
-  flags.mark_flags_as_required(['workdir'])
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Where grokking_bench.json is written.', config='grokking_bench.py',
+              makes='experiment')

@@ -29,16 +29,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 
 import ml_collections
 from absl import flags
-from ml_collections import config_flags
 
 from train import cli
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'induction.py')
 RUN_SECTIONS = ('model', 'data', 'train', 'mesh', 'chat', 'lora', 'dpo', 'rl')
 
 
@@ -157,10 +154,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Experiment config; default '
-                                  'experiments/configs/induction.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Work directory: the corpus, one run per model, the '
-                      'summary and plots.')
-  flags.mark_flags_as_required(['workdir'])
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Work directory: the corpus, one run per model, the summary and plots.',
+              config='induction.py', makes='experiment')

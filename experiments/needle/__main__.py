@@ -24,11 +24,9 @@ import sys
 import time
 
 from absl import flags
-from ml_collections import config_flags
 
 from train import cli
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'needle.py')
 
 
 def check_config(config) -> None:
@@ -100,18 +98,14 @@ def main(argv):
 
 
 def define_flags() -> None:
-  flags.DEFINE_string('workdir', None, 'Work directory: the run, needle.json and needle.png.')
   flags.DEFINE_bool('probe_only', False, 'Probe the run already in --workdir (its config.json, '
                     'with --config.x.y overrides) without training.')
-  flags.mark_flags_as_required(['workdir'])
 
 
 if __name__ == '__main__':
   define_flags()
-  if '--probe_only' in sys.argv or '--probe_only=true' in sys.argv:
-    cli.define_run_config(sys.argv)  # the run's own config
-  else:
-    config_flags.DEFINE_config_file('config', None, 'Experiment config file; default '
-                                    'experiments/configs/needle.py.', lock_config=True)
-    sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  probe_only = '--probe_only' in sys.argv or '--probe_only=true' in sys.argv
+  # Trains a run in DIR (needle.json and needle.png beside it); --probe_only reads any run.
+  cli.command(main, 'Work directory: the run, needle.json and needle.png.',
+              config=cli.RUN_CONFIG if probe_only else 'needle.py',
+              makes=None if probe_only else 'run')

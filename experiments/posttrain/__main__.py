@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import ml_collections
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from train import cli
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'posttrain.py')
 STAGES = ('base', 'sft', 'reward', 'dpo', 'grpo', 'rlhf')
 RUN_SECTIONS = ('model', 'data', 'train', 'mesh', 'chat', 'lora', 'reward', 'dpo', 'rl')
 RL_STAGES = ('grpo', 'rlhf')
@@ -391,9 +388,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Experiment config; default '
-                                  'experiments/configs/posttrain.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Work directory: data/, one run per stage, summary.json.')
-  flags.mark_flags_as_required(['workdir'])
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Work directory: data/, one run per stage, summary.json.',
+              config='posttrain.py', makes='experiment')

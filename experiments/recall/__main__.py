@@ -24,19 +24,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any
 
 from absl import flags
-from ml_collections import config_flags
 
 from experiments.sweep import RUNS_FILE, SweepError, parse_shard, read_runs, run_grid
 from train import cli
 from train.progress import say
 
 SUMMARY_FILE = 'summary.json'
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'recall.py')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,11 +208,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Sweep config; default '
-                                  'experiments/configs/recall.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Sweep directory: runs/, runs.jsonl, summary.json, plots.')
   flags.DEFINE_string('shard', '0/1', 'i/n: run every n-th grid point starting from the i-th.')
   flags.DEFINE_bool('analyze_only', False, 'Summarise and plot DIR/runs.jsonl without training.')
-  flags.mark_flag_as_required('workdir')
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main, errors=(SweepError,))
+  cli.command(main, 'Sweep directory: runs/, runs.jsonl, summary.json, plots.',
+              config='recall.py', makes='experiment', errors=(SweepError,))

@@ -40,7 +40,6 @@ import time
 from typing import Any
 
 from absl import flags
-from ml_collections import config_flags
 
 from experiments.sweep import (RUNS_FILE, SweepError, append_run, parse_shard,  # noqa: F401
                                read_runs, run_grid)
@@ -286,10 +285,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Sweep config (experiments/configs/scaling_*.py); '
-                                  'without one, the sweep in --workdir is fitted and plotted '
-                                  'again.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Sweep directory: runs/, runs.jsonl, summary.json, plots.')
   flags.DEFINE_string('shard', '0/1', 'i/n: run every n-th grid point starting from the i-th.')
   flags.DEFINE_list('compare', [], 'Sweep directories to compare on one figure in --workdir.')
   flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the fits\' intervals.')
@@ -297,5 +292,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('compile_for', None, 'With --dry_run: compile every run for this TPU slice '
                       '(e.g. v5e:4x4; needs libtpu) and report whether it fits and its estimated '
                       'time (train/compile_for.py, docs/tpu.md).')
-  flags.mark_flag_as_required('workdir')
-  cli.run(main, errors=(SweepError,))
+  # Without --config (experiments/configs/scaling_*.py) the sweep in --workdir is fitted and
+  # plotted again.
+  cli.command(main, 'Sweep directory: runs/, runs.jsonl, summary.json, plots.',
+              makes='experiment', errors=(SweepError,))

@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import flags
-from ml_collections import config_flags
 
 from train import cli
 from train.progress import say
 
-DEFAULT_CONFIG = os.path.join(cli.CONFIGS, 'speculative.py')
 
 
 def train_models(config, workdir: str) -> dict[str, str]:
@@ -207,15 +204,11 @@ def main(argv):
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file; default '
-                                  'experiments/configs/speculative.py.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Work directory: the runs, bench.jsonl, summary, plot.')
   flags.DEFINE_string('target', None, 'A trained run to use as the target (with --draft).')
   flags.DEFINE_string('draft', None, 'A trained run to use as the draft (with --target).')
-  flags.mark_flags_as_required(['workdir'])
 
 
 if __name__ == '__main__':
   define_flags()
-  sys.argv = cli.with_default_config(sys.argv, DEFAULT_CONFIG)
-  cli.run(main)
+  cli.command(main, 'Work directory: the runs, bench.jsonl, summary, plot.',
+              config='speculative.py', makes='experiment')
