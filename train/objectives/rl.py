@@ -190,8 +190,12 @@ class OnPolicy(Objective):
     if rl.reward_model:
       self._load_reward_model(run)
 
+  def frozen_runs(self) -> dict[str, str]:
+    return {'rl.reward_model': self.config.rl.reward_model} if self.config.rl.reward_model else {}
+
   def _load_reward_model(self, run) -> None:
-    reward_run = load_run(self.config.rl.reward_model)
+    # At the step pinned when the run began (the loop checked that it holds the same parameters).
+    reward_run = load_run(self.config.rl.reward_model, run.config.rl.reward_model_step)
     if reward_run.head != 'scalar':
       raise ConfigError(f'rl.reward_model={self.config.rl.reward_model} is not a reward model '
                         f'(its objective is {reward_run.config.train.objective})')
