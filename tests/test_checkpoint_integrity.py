@@ -3,6 +3,7 @@ recorded at save and checked at every restore, so a step damaged in place is set
 training and refused by evaluation and `train.init_from`; the frozen runs a run reads (LoRA's
 base) are pinned to the step they began from."""
 
+import gc
 import json
 import os
 import shutil
@@ -40,9 +41,7 @@ def damage(workdir, step, seed=0):
   disk or a copy can do that the compression does not notice."""
   params = os.path.join(workdir, 'checkpoints', str(step), 'params')
   before = read_raw(params)
-  data = os.path.join(params, 'ocdbt.process_0', 'd')
-  name = max(os.listdir(data), key=lambda n: os.path.getsize(os.path.join(data, n)))
-  path = os.path.join(data, name)
+  path = largest_array_file(workdir, step)
   original = open(path, 'rb').read()
   rng = np.random.default_rng(seed)
   for _ in range(50):
@@ -59,6 +58,11 @@ def damage(workdir, step, seed=0):
       assert len(damaged) == len(original)
       return
   raise AssertionError('no silent damage found')
+
+
+def largest_array_file(workdir, step):
+  data = os.path.join(workdir, 'checkpoints', str(step), 'params', 'ocdbt.process_0', 'd')
+  return max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
 
 
 def test_a_checkpoint_damaged_in_place_is_never_trusted(tfds_dir, tmp_path, capfd):
@@ -103,6 +107,22 @@ def test_a_checkpoint_damaged_in_place_is_never_trusted(tfds_dir, tmp_path, capf
   with pytest.raises(CheckpointError, match=r'checkpoint 40 is damaged.*no earlier step reads '
                                             r'back as saved either'):
     load_run(workdir)
+
+  # Damage orbax notices: one clean reason (not the repr of TensorStore's spec), and nothing
+  # more once the reads it left unfinished are collected (asyncio's tracebacks, 700 lines).
+  path = largest_array_file(workdir, 40)
+  with open(path, 'r+b') as f:
+    for offset in range(0, os.path.getsize(path) - 512, 3000):
+      f.seek(offset)
+      f.write(np.random.default_rng(offset).bytes(512))
+  capfd.readouterr()
+  with pytest.raises(CheckpointError, match=r'^checkpoint 40 cannot be read \(\w+: .*'
+                                            r'no earlier step') as refused:
+    load_run(workdir)
+  assert 'pybind11' not in str(refused.value) and 'TensorStore({' not in str(refused.value)
+  del refused
+  gc.collect()
+  assert capfd.readouterr().err == ''
 
 
 def test_a_checkpoint_saved_before_checksums_loads_with_a_warning(tfds_dir, tmp_path, capfd):
@@ -159,3 +179,14 @@ def test_a_lora_run_reads_the_step_of_its_base_it_began_from(tfds_dir, tmp_path,
     with pytest.raises(CheckpointError, match=r'train.init_from=.*base: its step 10, which this '
                                               r'run started from.*is gone'):
       attempt()
+
+
+def test_a_line_that_is_not_json_is_named_once(tmp_path):
+  from train.chat import read_jsonl
+  from train.data import DataError
+  path = tmp_path / 'bad.jsonl'
+  path.write_text('{"prompt": "a}')  # no newline: the string runs to the end
+  with pytest.raises(DataError) as refused:
+    read_jsonl(str(path), lambda record, where: record)
+  assert str(refused.value).endswith('bad.jsonl:1: not valid JSON (Unterminated string starting '
+                                     'at: column 12)')

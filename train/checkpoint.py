@@ -24,7 +24,6 @@ What can go wrong, and what happens:
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import logging as py_logging
@@ -168,9 +167,9 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # orbax raises many kinds for unreadable files  # noqa: BLE001
       reason = _reason(e)
-    if reason is not None:  # outside the handler, so that the failed read can be collected
-      _collect_failed_reads()
-      raise StepError(step, f'cannot be read ({reason})')
+    if reason is not None:
+      _silence_failed_reads()
+      raise StepError(step, f'cannot be read ({reason})') from None
     arrays = {'params': restored['params']}
     if abstract_opt_state is not None:
       arrays['opt_state'] = restored['opt_state']
@@ -318,19 +317,27 @@ def _reason(error: BaseException) -> str:
   return f'{type(error).__name__}: {text[0][:300] if text else ""}'
 
 
-def _collect_failed_reads() -> None:
-  """orbax reads arrays in asyncio tasks; when one fails, the others are left unfinished, and
-  collecting them at exit prints hundreds of lines ('Task exception was never retrieved', 'Event
-  loop is closed'). They are collected here, silently."""
-  logger, hook = py_logging.getLogger('asyncio'), sys.unraisablehook
-  level = logger.level
-  logger.setLevel(py_logging.CRITICAL)
-  sys.unraisablehook = lambda _: None
-  try:
-    gc.collect()
-  finally:
-    logger.setLevel(level)
-    sys.unraisablehook = hook
+def _silence_failed_reads() -> None:
+  """orbax reads arrays in asyncio tasks; when one fails, the others are left unfinished, and when
+  they are collected (at exit, or whenever) each prints its traceback and TensorStore spec:
+  hundreds of lines ('Task exception was never retrieved', 'Exception ignored in: <coroutine
+  ...>', 'Event loop is closed') after the one line that said what is wrong. From the first failed
+  read on, asyncio's error log and the unraisable errors of orbax's coroutines are dropped."""
+  py_logging.getLogger('asyncio').setLevel(py_logging.CRITICAL)
+  hook = sys.unraisablehook
+  if getattr(hook, 'drops_orbax', False):
+    return
+
+  def drop_orbax(unraisable):
+    code = getattr(unraisable.object, 'cr_code', None)
+    orbax = code is not None and '/orbax/' in code.co_filename
+    # TensorStore's reads completing after orbax closed their event loop.
+    closed = str(unraisable.exc_value) == 'Event loop is closed'
+    if not (orbax or closed):
+      hook(unraisable)
+
+  drop_orbax.drops_orbax = True
+  sys.unraisablehook = drop_orbax
 
 
 def abstract_like(tree, shardings):
