@@ -4,7 +4,7 @@ DIR/checkpoints/<step>/{params,opt_state,data,checksums}.
 'params' and 'opt_state' are sharded pytrees (each host writes its shards; restoring onto abstract
 arrays with other shardings reshards them, so a run saved on one mesh resumes on another);
 'data' is the input iterator's state as JSON. Evaluation and sampling restore 'params' alone.
-'checksums' holds a fingerprint of every array saved (`fingerprints`), checked at every restore.
+'checksums' holds a fingerprint of every array saved (`_fingerprint`), checked at every restore.
 
 What can go wrong, and what happens:
 - A process killed while a checkpoint is written leaves orbax's temporary directory, never a
