@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import flax.linen as nn
 import jax
@@ -17,6 +16,7 @@ from train.restore import load_run
 from model import LM
 from model.config import ConfigError
 from train import chat, lora, step as step_lib
+from train.checkpoint import fingerprint
 from train.data import DataError
 from train.loop import Window, train_and_evaluate
 from train.objectives import dpo as dpo_lib
@@ -476,12 +476,15 @@ def test_ppo_against_a_reward_model_scores_each_answer_as_the_model_does_alone(s
     rows = [json.loads(line) for line in f]
   assert {'train_value_loss', 'train_kl', 'reward', 'reward_std', 'kl_penalty'} <= set(rows[-1])
   assert np.isfinite(final['val_reward'])
+  # The reward model is pinned to the step it had when the run began.
+  saved = json.load(open(os.path.join(r['directory'], 'ppo', 'config.json')))['rl']
+  assert saved['reward_model_step'] == load_run(reward_dir).step
+  assert saved['reward_model_fingerprint'] == fingerprint(reward_dir, saved['reward_model_step'])
 
   # The rollout's batched scoring (prompts and answers of different lengths, padded) against
   # the reward model applied to each answer alone, cut at its last token.
   objective = rl.PPO(config)
-  objective._load_reward_model(types.SimpleNamespace(
-      data=types.SimpleNamespace(tokenizer=ByteTokenizer())))
+  objective._load_reward_model(ByteTokenizer())
   rng = np.random.default_rng(1)
   lengths, new = np.array([3, 6, 4]), np.array([2, 1, 4])  # prompt and answer tokens per row
   tokens = rng.integers(1, 200, (3, 12)).astype(np.int32)

@@ -124,7 +124,7 @@ def read_jsonl(path: str, parse) -> list[Any]:
         try:
           record = json.loads(line)
         except json.JSONDecodeError as e:
-          raise DataError(f'{where}: not valid JSON ({e.msg} at column {e.colno})') from None
+          raise DataError(f'{where}: not valid JSON ({e.msg}: column {e.colno})') from None
         if not isinstance(record, dict):
           raise DataError(f'{where}: expected a JSON object, got {type(record).__name__}')
         examples.append(parse(record, where))

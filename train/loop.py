@@ -33,7 +33,7 @@ from train.checkpoint import NonFiniteError
 from train.metric_writer import MetricWriter
 from train.preemption import Interrupted, StopRequest
 from train.progress import Progress, phase
-from train.state import Layout, StartRun, union
+from train.state import Layout, StartRun, recorded_pin, union
 
 
 def _init_fn(layout: Layout, optimizer, seed: int, num_steps: int = 0):
@@ -252,8 +252,13 @@ class Run:
     self.objective = objectives.make(config)
     resuming = ckpt_lib.has_checkpoint(workdir)
     needs_frozen = self.objective.reference or config.lora.rank > 0
-    start = (StartRun(tc.init_from, config)
+    start = (StartRun(tc.init_from, config, *recorded_pin(saved, config, 'train.init_from'))
              if tc.init_from and (not resuming or needs_frozen) else None)
+    # The runs whose parameters this one reads, each at the step pinned when it began.
+    pins = {field: ckpt_lib.pin(directory, field, *recorded_pin(saved, config, field))
+            for field, directory in self.objective.frozen_runs().items()}
+    pins['train.init_from'] = ((start.step, start.fingerprint) if start is not None
+                               else recorded_pin(saved, config, 'train.init_from'))
     self.data = _checked_data(self.objective, workdir, start)
     self.model_cfg = workdir_lib.resolve_model_config(config.model,
                                                       self.data.tokenizer.vocab_size)
@@ -263,13 +268,22 @@ class Run:
                          config.lora if config.lora.rank > 0 else None)
     optimizer = optim.make_optimizer(tc)
     shardings = state_shardings(model, optimizer, self.mesh, self.layout)  # the mesh fits
-    self.objective.prepare(self)
-
-    # Checked: from here on the run writes.
+    if start is not None:  # the started parameters (frozen, trained, or both: Layout), verified
+      started = start.params(ckpt_lib.abstract_like(
+          nn.unbox(self.layout.started), mesh_lib.logical_shardings(self.layout.started,
+                                                                    self.mesh)))
+    # The config as the run records it: resolved paths and sizes, the pinned steps.
     self.config = config = ml_collections.ConfigDict(config.to_dict())
     config.model.vocab_size = self.model_cfg.vocab_size
     config.data.path = os.path.abspath(dc.path) if dc.path else ''
     config.train.init_from = os.path.abspath(tc.init_from) if tc.init_from else ''
+    for field, (step, fingerprint) in pins.items():
+      if step is not None:
+        section, key = field.split('.')
+        config[section][f'{key}_step'], config[section][f'{key}_fingerprint'] = step, fingerprint
+    self.objective.prepare(self)  # its own checks of the run (RL's reward model, pinned)
+
+    # Checked: from here on the run writes.
     if self.chief:
       os.makedirs(workdir, exist_ok=True)
       self.lock = workdir_lib.Lock(workdir)
@@ -281,10 +295,7 @@ class Run:
 
     self.state, _ = init_state(model, optimizer, self.mesh, tc.seed, shardings, self.layout,
                                num_steps=tc.num_steps)
-    if start is not None:  # the started parameters: frozen, trained, or both (Layout)
-      started = start.params(ckpt_lib.abstract_like(
-          nn.unbox(self.layout.started), mesh_lib.logical_shardings(self.layout.started,
-                                                                    self.mesh)))
+    if start is not None:
       if self.layout.has_frozen:  # a copy: the trained parameters' buffers are donated
         self.state = self.state.replace(frozen=jax.tree.map(jnp.copy, started))
       if not self.layout.rank:

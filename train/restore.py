@@ -45,9 +45,11 @@ class TrainedRun:
 def load_run(workdir: str, step: int | None = None,
              config: ml_collections.ConfigDict | None = None) -> TrainedRun:
   """The run's config (`config` when given: the saved one with a command's overrides),
-  tokenizer and parameters at `step` (default: the latest checkpoint). A run whose objective
-  reads frozen parameters (LoRA's base, DPO's reference) reads them from the run it started from,
-  as training does (train/state.py)."""
+  tokenizer and parameters at `step` (default: the latest checkpoint), verified against the
+  checksums recorded when they were saved. A run whose objective reads frozen parameters (LoRA's
+  base, DPO's reference) reads them from the run it started from, at the step it pinned, as
+  training does (train/state.py). A step that cannot be used is refused in one line, naming the
+  newest earlier step that reads back as saved, if one does."""
   config = config if config else workdir_lib.load_config(workdir)
   if config is None:
     raise workdir_lib.RunError(f'{workdir} holds no run (no {workdir_lib.CONFIG_FILE}); train one '
@@ -57,7 +59,8 @@ def load_run(workdir: str, step: int | None = None,
   model = LM(model_cfg)
   objective = objectives.make(config)
   lora = config.lora if config.lora.rank > 0 else None
-  start = (StartRun(config.train.init_from, config)
+  start = (StartRun(config.train.init_from, config, config.train.get('init_from_step'),
+                    config.train.get('init_from_fingerprint'))
            if objective.reference or lora is not None else None)
   layout = Layout(model, objective.head, start, objective.reference, lora)
   mesh = mesh_lib.make_mesh(config.mesh) if _fits(config.mesh) else mesh_lib.make_mesh(
@@ -68,16 +71,16 @@ def load_run(workdir: str, step: int | None = None,
     raise workdir_lib.RunError(f'{workdir} has no checkpoint yet; train longer than '
                                f'train.checkpoint_every steps or until the end')
   boxed = jax.eval_shape(layout.init_trainable, jax.random.key(0))
+  abstract = ckpt_lib.abstract_like(nn.unbox(boxed), mesh_lib.logical_shardings(boxed, mesh))
   try:
-    params, _, _ = checkpointer.restore(step, ckpt_lib.abstract_like(
-        nn.unbox(boxed), mesh_lib.logical_shardings(boxed, mesh)))
-  except Exception as e:  # orbax raises many kinds for unreadable files  # noqa: BLE001
-    earlier = [s for s in checkpointer.manager.all_steps() if s < step]
-    raise workdir_lib.RunError(
-        f'checkpoint {step} in {workdir} cannot be read ({type(e).__name__}: '
-        f'{str(e).strip().splitlines()[0][:200] if str(e).strip() else ""})'
-        + (f'; use --step={max(earlier)}, or resume training there, which sets it aside'
-           if earlier else '')) from e
+    params, _, _ = checkpointer.restore(step, abstract)
+  except ckpt_lib.StepError as e:
+    earlier = checkpointer.earlier_intact(step, abstract)
+    raise ckpt_lib.CheckpointError(
+        f'{e} (in {workdir})' + (
+            f'; step {earlier} reads back as saved: use --step={earlier}, or resume training, '
+            f'which sets step {step} aside' if earlier is not None else
+            '; no earlier step reads back as saved either')) from None
   finally:
     checkpointer.close()
   frozen = None

@@ -1,9 +1,10 @@
 """The train state's parameters: which train, which are frozen, and where they start.
 
   plain               every parameter trains, initialised at random
-  train.init_from     every parameter starts from another run's latest checkpoint (its
-                      tokenizer too), except those that run does not have (a reward model's
-                      scalar head), which start at random
+  train.init_from     every parameter starts from another run's checkpoint (its tokenizer too),
+                      except those that run does not have (a reward model's scalar head), which
+                      start at random: its latest step when the run begins, pinned ever after
+                      (config.json's train.init_from_step and _fingerprint)
   reference           the objective reads the starting parameters as a frozen reference (DPO):
                       they are kept beside the trained copy, in `TrainState.frozen`
   lora.rank > 0       the starting parameters are frozen (`TrainState.frozen`) and only LoRA
@@ -12,7 +13,9 @@
 
 `Layout` says which, and turns (params, frozen) into what the model applies (`model_params`) and
 what an objective's reference is (`frozen` itself). Frozen parameters are never checkpointed:
-they are read from the run they start from whenever the run starts or resumes.
+they are read from the run they start from whenever the run starts, resumes or is evaluated, at
+the pinned step: a resumed or evaluated run reads the very parameters it started from, or is
+refused in one line.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from train import tokenizers, workdir as workdir_lib
 
 
 class StartRun:
-  """The run `train.init_from` names: its config, tokenizer (and chat template) and latest
-  checkpoint, read only."""
+  """The run `train.init_from` names: its config, tokenizer (and chat template) and checkpoint at
+  `step` (the one this run pinned, whose fingerprint was `fingerprint`; default: the latest),
+  read only."""
 
-  def __init__(self, directory: str, config: ml_collections.ConfigDict):
+  def __init__(self, directory: str, config: ml_collections.ConfigDict,
+               step: int | None = None, fingerprint: str | None = None):
     from train.chat import ChatTemplate
     self.directory = directory
     self.config = workdir_lib.load_config(directory)
@@ -53,31 +58,49 @@ class StartRun:
           + '. Give this run the model and tokenizer settings of that one.')
     self.tokenizer = tokenizers.load(os.path.join(directory, 'tokenizer'))
     self.template = ChatTemplate.load(os.path.join(directory, 'tokenizer'))
-    checkpointer = ckpt_lib.Checkpointer(directory, read_only=True)
-    self.step = checkpointer.latest_step()
-    checkpointer.close()
-    if self.step is None:
-      raise workdir_lib.RunError(f'train.init_from={directory} has no checkpoint yet; train it '
-                                 f'first (or longer than train.checkpoint_every steps)')
+    self.step, self.fingerprint = ckpt_lib.pin(directory, 'train.init_from', step, fingerprint)
     self.shapes = ckpt_lib.params_metadata(directory, self.step)  # {path: (shape, dtype)}
     self.paths = set(self.shapes)
 
   def params(self, abstract_params):
-    """The parameters at the latest step that `abstract_params` (ShapeDtypeStructs with
-    shardings, a subtree of the checkpoint's) names, laid out as it says; the checkpoint's others
-    are read replicated and dropped."""
+    """The parameters at `self.step` that `abstract_params` (ShapeDtypeStructs with shardings,
+    a subtree of the checkpoint's) names, laid out as it says; the checkpoint's others are read
+    replicated and dropped. Raises CheckpointError, in one line, when that step cannot be read
+    or is damaged."""
     wanted = traverse_util.flatten_dict(abstract_params)
     mesh = next(iter(wanted.values())).sharding.mesh
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     target = {path: wanted.get(path, jax.ShapeDtypeStruct(shape, dtype, sharding=replicated))
               for path, (shape, dtype) in self.shapes.items()}
+    target = traverse_util.unflatten_dict(target)
     checkpointer = ckpt_lib.Checkpointer(self.directory, read_only=True)
     try:
-      restored = checkpointer.restore(self.step, traverse_util.unflatten_dict(target))[0]
+      restored = checkpointer.restore(self.step, target)[0]
+    except ckpt_lib.StepError as e:
+      earlier = checkpointer.earlier_intact(self.step, target)
+      raise ckpt_lib.CheckpointError(
+          f'train.init_from={self.directory}: {e}; '
+          + (f'its step {earlier} reads back as saved: resume training there (python -m train '
+             f'--workdir={self.directory}), which sets step {self.step} aside'
+             if earlier is not None else 'no earlier step of it reads back as saved either')
+      ) from None
     finally:
       checkpointer.close()
     flat = traverse_util.flatten_dict(restored)
     return traverse_util.unflatten_dict({path: flat[path] for path in wanted})
+
+
+def recorded_pin(saved, config, field: str) -> tuple[int | None, str | None]:
+  """(step, fingerprint) that the run's saved config (None for a new run) recorded for the run
+  its `field` names ('train.init_from', 'rl.reward_model': as `<field>_step` and
+  `<field>_fingerprint`), when `config` names the same directory; else (None, None), and the
+  latest step of that run is pinned when this one begins."""
+  section, key = field.split('.')
+  if saved is None or saved[section].get(f'{key}_step') is None:
+    return None, None
+  if os.path.abspath(saved[section][key]) != os.path.abspath(config[section][key]):
+    return None, None
+  return saved[section][f'{key}_step'], saved[section].get(f'{key}_fingerprint', '')
 
 
 def _split(tree, keep: set):

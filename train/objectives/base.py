@@ -64,6 +64,12 @@ class Objective:
       raise ConfigError(f'train.objective={self.name} needs train.init_from: its reference '
                         f'model is the run it starts from (e.g. --init_from=runs/sft)')
 
+  def frozen_runs(self) -> dict[str, str]:
+    """{config field: work directory} of the other runs whose parameters the objective reads
+    besides train.init_from (PPO's reward model): the loop pins each to its latest step when the
+    run begins (`<field>_step` in config.json), and that step is read ever after."""
+    return {}
+
   def prepare(self, run) -> None:
     """What the objective needs of the run (train.loop.Run: model, data, layout, mesh), before
     the run writes anything."""

@@ -191,15 +191,18 @@ class OnPolicy(Objective):
 
     self._sample = sample
     self._log_probs = jax.jit(self._log_probs_fn(model))
-    if rl.reward_model:
-      self._load_reward_model(run)
+    if rl.reward_model:  # at the step pinned when the run began (the loop checked it is the same)
+      self._load_reward_model(run.data.tokenizer, run.config.rl.reward_model_step)
 
-  def _load_reward_model(self, run) -> None:
-    reward_run = load_run(self.config.rl.reward_model)
+  def frozen_runs(self) -> dict[str, str]:
+    return {'rl.reward_model': self.config.rl.reward_model} if self.config.rl.reward_model else {}
+
+  def _load_reward_model(self, tokenizer, step: int | None = None) -> None:
+    reward_run = load_run(self.config.rl.reward_model, step)
     if reward_run.head != 'scalar':
       raise ConfigError(f'rl.reward_model={self.config.rl.reward_model} is not a reward model '
                         f'(its objective is {reward_run.config.train.objective})')
-    if reward_run.tokenizer.vocab_size != run.data.tokenizer.vocab_size:
+    if reward_run.tokenizer.vocab_size != tokenizer.vocab_size:
       raise ConfigError('rl.reward_model reads another tokenizer than the policy')
     self.reward_params = reward_run.params
     reward_model = reward_run.model
