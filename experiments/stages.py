@@ -27,7 +27,7 @@ import uuid
 from typing import Any, Callable, Sequence
 
 from train.progress import say
-from train.workdir import RunError, differences, flatten
+from train.records import RunError, differences, flatten
 
 RECORDS = 'stages'  # DIR/stages/<name>.json
 

@@ -24,6 +24,7 @@ from model.config import ModelConfig
 from train import data as data_lib
 from train import tokenizers
 from train.progress import phase
+from train.records import RunError, differences, flatten  # noqa: F401  (train.workdir.RunError)
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
@@ -50,10 +51,6 @@ RESUMABLE_MODEL_FIELDS = {'dropout', 'attention_impl', 'attention_window', 'rema
 DATA_STREAM_FIELDS = ('data.path', 'data.tfds_name', 'data.text_key', 'data.train_split',
                       'data.val_split', 'data.val_fraction', 'data.tokenizer', 'data.vocab_size',
                       'data.seq_len', 'train.batch_size', 'train.seed')
-
-
-class RunError(ValueError):
-  """A work directory that does not fit the requested run; nothing in it was changed."""
 
 
 def read_json(path: str) -> dict | None:
@@ -177,24 +174,6 @@ def check_command(workdir: str, command: str, makes: str | None) -> None:
                  f'into a directory it made, so nothing was changed: give it a new --workdir'
                  + (f' (with --init_from={workdir} to start from its parameters)'
                     if command == 'train' and kind == RUN else ''))
-
-
-def flatten(d: dict, prefix: str = '') -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}; tuples become lists, as JSON reads them back."""
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f'{prefix}{k}.'))
-    else:
-      out[prefix + k] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def differences(old: dict, new: dict, keys=None) -> list[str]:
-  """'key: old -> new' for every flattened key (of `keys`, when given) whose value differs."""
-  old, new = flatten(old), flatten(new)
-  keys = sorted(set(old) | set(new)) if keys is None else keys
-  return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in keys if old.get(k) != new.get(k)]
 
 
 def model_differences(saved_model: dict, model: dict) -> list[str]:
