@@ -100,6 +100,19 @@ def test_a_checkpoint_damaged_in_place_is_never_trusted(tfds_dir, tmp_path, capf
   assert os.listdir(os.path.join(workdir, 'checkpoints_unreadable')) == ['40']
   assert losses(workdir) == losses(whole)
 
+  # The parameters' metadata damaged (orbax then reads it as None): refused in one line too.
+  sharding = os.path.join(workdir, 'checkpoints', '40', 'params', '_sharding')
+  with open(sharding, 'r+b') as f:
+    intact = f.read()
+    f.seek(0)
+    f.write(np.random.default_rng(0).bytes(len(intact)))
+  with pytest.raises(CheckpointError, match=r'train.init_from=.*checkpoint 40 cannot be read: '
+                                            r'its (parameters. )?metadata'):
+    train_and_evaluate(run_config(tfds_dir, train=dict(init_from=workdir)), tuned)
+  assert not os.path.exists(tuned)
+  with open(sharding, 'wb') as f:
+    f.write(intact)
+
   # With every step damaged, evaluation suggests none.
   damage(workdir, 40)
   damage(workdir, 20, seed=1)

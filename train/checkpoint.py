@@ -256,11 +256,18 @@ def quietly():
 
 
 def params_metadata(workdir: str, step: int) -> dict:
-  """{path: (shape, dtype)} of the parameters saved at `step`, from the checkpoint's metadata."""
+  """{path: (shape, dtype)} of the parameters saved at `step`, from the checkpoint's metadata;
+  StepError when it cannot be read (a damaged metadata file reads as None, or raises)."""
   from flax import traverse_util
-  with quietly():
-    metadata = ocp.StandardCheckpointer().metadata(  # orbax reads no metadata from a relative path
-        os.path.abspath(os.path.join(workdir, 'checkpoints', str(step), 'params'))).item_metadata
+  try:
+    with quietly():
+      metadata = ocp.StandardCheckpointer().metadata(  # no metadata from a relative path
+          os.path.abspath(os.path.join(workdir, 'checkpoints', str(step), 'params'))
+      ).item_metadata
+  except Exception as e:  # orbax raises many kinds for unreadable files  # noqa: BLE001
+    raise StepError(step, f'cannot be read: its metadata fails ({_reason(e)})') from None
+  if not metadata:
+    raise StepError(step, 'cannot be read: its parameters\' metadata is missing or damaged')
   return {path: (m.shape, m.dtype)
           for path, m in traverse_util.flatten_dict(dict(metadata)).items()}
 

@@ -59,7 +59,13 @@ class StartRun:
     self.tokenizer = tokenizers.load(os.path.join(directory, 'tokenizer'))
     self.template = ChatTemplate.load(os.path.join(directory, 'tokenizer'))
     self.step, self.fingerprint = ckpt_lib.pin(directory, 'train.init_from', step, fingerprint)
-    self.shapes = ckpt_lib.params_metadata(directory, self.step)  # {path: (shape, dtype)}
+    try:
+      self.shapes = ckpt_lib.params_metadata(directory, self.step)  # {path: (shape, dtype)}
+    except ckpt_lib.StepError as e:
+      raise ckpt_lib.CheckpointError(
+          f'train.init_from={directory}: {e}; resume training there (python -m train '
+          f'--workdir={directory}), which sets step {self.step} aside and goes on from the step '
+          f'before it') from None
     self.paths = set(self.shapes)
 
   def params(self, abstract_params):
