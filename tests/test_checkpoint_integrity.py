@@ -64,6 +64,7 @@ def largest_array_file(workdir, step):
   return max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_damaged_in_place_is_never_trusted(tfds_dir, tmp_path, capfd):
   config = run_config(tfds_dir, train=dict(num_steps=40, checkpoint_every=20, eval_every=0))
   whole, workdir = str(tmp_path / 'whole'), str(tmp_path / 'run')
@@ -169,6 +170,7 @@ class Killed(Exception):
   """Stands in for a kill right after the metrics row of a given step."""
 
 
+@pytest.mark.slow
 def test_a_lora_run_reads_the_step_of_its_base_it_began_from(tfds_dir, tmp_path, monkeypatch):
   train = dict(num_steps=10, checkpoint_every=5, eval_every=0, log_every=5, steps_per_call=5,
                keep_checkpoints=10)
@@ -183,7 +185,7 @@ def test_a_lora_run_reads_the_step_of_its_base_it_began_from(tfds_dir, tmp_path,
 
   def write_then_die(self, step, metrics):
     write(self, step, metrics)
-    if step == 10:  # after checkpoint 5, before checkpoint 10
+    if step == 5:  # after checkpoint 5 (a call's rows follow its checkpoint), before 10
       raise Killed
 
   monkeypatch.setattr(MetricWriter, 'write', write_then_die)

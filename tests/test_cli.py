@@ -62,6 +62,7 @@ def test_eval_per_position_past_the_training_length(trained):
   assert 'positions     64-127    loss' in out and '(beyond the trained length)' in out
 
 
+@pytest.mark.slow
 def test_sample_with_a_draft(trained, tmp_path):
   """The run as its own draft: the greedy sample is the plain one and every draft is accepted;
   a draft whose tokenizer differs is one clear error."""
@@ -83,6 +84,7 @@ def test_sample_with_a_draft(trained, tmp_path):
   assert 'has another tokenizer' in bad.stderr and 'Traceback' not in bad.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_gets_one_clear_line(trained, tmp_path):
   cases = [
       (('train', f'--config={CONFIG}', f'--workdir={tmp_path}', '--config.model.widht=3'),
@@ -131,6 +133,7 @@ def run_all(argvs):
   return [(p.returncode, *output) for p, output in zip(processes, outputs)]
 
 
+@pytest.mark.slow
 def test_every_command_has_help_and_refuses_a_wrong_flag(tmp_path):
   helps = run_all([(command, '--help') for command in COMMANDS])
   for command, (code, out, err) in zip(COMMANDS, helps):

@@ -72,6 +72,7 @@ runpy.run_module('train', run_name='__main__')
 '''
 
 
+@pytest.mark.slow
 def test_kill_9_while_writing_a_checkpoint_and_a_second_process(uninterrupted, tfds_dir,
                                                                 tmp_path):
   workdir = str(tmp_path / 'run')

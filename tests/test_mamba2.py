@@ -203,6 +203,7 @@ def test_bad_mamba2_configs_name_the_field():
     small(pattern='attn,mamba2', mamba2=Mamba2Config(chunk_size=0))
 
 
+@pytest.mark.slow
 def test_mamba2_alone_trains_on_shakespeare(tfds_dir, tmp_path):
   # No attention, so Mamba-2 is what learns. (The hybrid 'mamba2,attn' trains the same way,
   # 3.84 -> 3.13 over these 20 steps; left out to keep the suite's time.)

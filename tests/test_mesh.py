@@ -56,6 +56,7 @@ def eight(tmp_path_factory, tfds_dir):
   return dict(np.load(tmp / 'out.npz'))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', range(len(CASES)),
                          ids=[f'{p}-{"-".join(f"{k}{v}" for k, v in m.items())}' for p, m in CASES])
 def test_one_step_on_a_mesh_equals_the_single_device_step(eight, case):

@@ -296,6 +296,7 @@ def test_bad_moe_settings_name_the_field(moe, message):
     tiny(pattern='attn:moe', moe=MoEConfig(**moe))
 
 
+@pytest.mark.slow
 def test_an_moe_model_trains_on_shakespeare_and_logs_its_experts(tfds_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   config = run_config(tfds_dir, model=dict(pattern='attn:mlp,attn:moe*2', scan_layers=True,

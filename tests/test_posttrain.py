@@ -423,6 +423,7 @@ def rl_run_config(r, prompts: str, rl_settings: dict, **train):
                  log_every=2, checkpoint_every=0, **train))
 
 
+@pytest.mark.slow
 def test_grpo_raises_its_reward_and_a_failing_reward_function_names_the_example(sft_run,
                                                                               monkeypatch):
   r = sft_run
@@ -463,6 +464,7 @@ def test_grpo_raises_its_reward_and_a_failing_reward_function_names_the_example(
   assert not os.path.exists(r['directory'] / 'broken')  # failed before its first checkpoint
 
 
+@pytest.mark.slow
 def test_ppo_against_a_reward_model_scores_each_answer_as_the_model_does_alone(sft_run,
                                                                              reward_run):
   r, (reward_dir, _) = sft_run, reward_run

@@ -64,6 +64,7 @@ def spy_on_train_call(monkeypatch):
   return calls
 
 
+@pytest.mark.slow
 def test_runs_differing_only_in_length_compile_the_train_step_once(tfds_dir, tmp_path, caplog,
                                                                    monkeypatch):
   """Two runs, 10 and 20 steps: one compile of the multi-step, and the second run's learning

@@ -227,6 +227,7 @@ def test_scanned_rematerialised_and_bfloat16_stacks_compute_the_same_function():
   np.testing.assert_allclose(value_bf16, value, rtol=0.02)
 
 
+@pytest.mark.slow
 def test_mamba_layers_with_and_without_a_feed_forward_train_on_shakespeare(tfds_dir, tmp_path):
   # No attention: Mamba is the only mixer; the first layer is MoE-Mamba. Narrow (Din = D, N = 4)
   # to keep the test quick.

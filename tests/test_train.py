@@ -331,6 +331,7 @@ def test_init_from_starts_from_another_runs_parameters_on_other_data(tfds_dir, t
                                   train=dict(init_from=base_dir)), str(tmp_path / 'bytes'))
 
 
+@pytest.mark.slow
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tfds_dir, tmp_path, capsys):
   # A constant schedule, so that extending num_steps from 40 to 60 changes no learning rate.
   config = run_config(tfds_dir, train=dict(num_steps=40, checkpoint_every=20, eval_every=0,
@@ -389,6 +390,7 @@ def test_the_last_checkpoint_is_saved_before_the_final_evaluation(tfds_dir, tmp_
   assert final['step'] == 20 and final['val_tokens'] > 100_000
 
 
+@pytest.mark.slow
 def test_resuming_with_another_num_steps_is_refused_where_it_changes_the_schedule(
     tfds_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
@@ -410,6 +412,7 @@ def test_resuming_with_another_num_steps_is_refused_where_it_changes_the_schedul
   assert train_and_evaluate(config, early)['step'] == 40
 
 
+@pytest.mark.slow
 def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_nothing_behind(tfds_dir,
                                                                                  tmp_path):
   quick = dict(num_steps=10, checkpoint_every=10, eval_every=0)
