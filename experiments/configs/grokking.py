@@ -1,5 +1,5 @@
 """The default grokking run: the fastest setting found that still shows the phenomenon clearly
-on a 2-core CPU. Measured steps and wall time are in the README.
+on a 2-core CPU. Measured steps and wall time are in docs/grokking.md.
 
   python -m experiments.grokking --workdir=runs/grokking
   python -m experiments.grokking --workdir=runs/grokking_sweep --sweep

@@ -14,7 +14,7 @@ it trained 40k steps, this run stops at 1.25 x the step it generalises.
 
 Differences from the paper's code: biases on every projection (the paper has them in the MLP
 only) and none of them decayed, and the unembedding also scores the '=' token (as the paper's
-first version did). Measured steps and wall time are in the README.
+first version did). Measured steps and wall time are in docs/grokking.md.
 """
 
 from ml_collections import ConfigDict

@@ -8,7 +8,7 @@ N from 4.1k to 886k non-embedding parameters (214x). Budgets D of 2^16..2^22 cha
 out, so the small models get the long budgets that bracket the compute-optimal frontier and every
 size runs 64k and 131k. 24 runs, 4.9e12 training FLOPs (`--dry_run` lists them). L(N) is fitted
 at 131k, the largest budget every size ran. The measured wall time and the fitted exponents are
-in the README ("Scaling laws").
+in docs/scaling.md.
 
 Any block pattern can be swept: --config.sweep.pattern='(attn,attn:moe)*{depth}' puts an MoE
 feed-forward in every other layer, 'mamba*{depth}' sweeps Mamba, '(mamba*3,attn)*{depth}' a hybrid
