@@ -57,10 +57,17 @@ class StepError(CheckpointError):
     self.step, self.reason = step, reason
 
 
-def has_checkpoint(workdir: str) -> bool:
-  """Whether DIR/checkpoints holds a finished step (orbax's temporary directories do not count)."""
+def saved_steps(workdir: str) -> list[int]:
+  """The finished steps under DIR/checkpoints, ascending (orbax's temporary directories do not
+  count)."""
   directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(name) for name in names if name.isdigit())
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether DIR/checkpoints holds a finished step."""
+  return bool(saved_steps(workdir))
 
 
 @jax.jit

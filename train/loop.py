@@ -182,7 +182,7 @@ def check_length_kept(saved_num_steps: int, train_cfg, workdir: str) -> None:
   step it has taken (the latest checkpoint's): a constant schedule, or one still warming up. A
   decaying schedule stretched or cut would change them, and the run would not continue the
   one it resumes: refused (RunError), naming the way to train further."""
-  tc, taken = train_cfg, _latest_saved_step(workdir)
+  tc, taken = train_cfg, max(ckpt_lib.saved_steps(workdir), default=0)
   if tc.num_steps == saved_num_steps or not taken:
     return
   steps = jnp.arange(taken)
@@ -197,13 +197,6 @@ def check_length_kept(saved_num_steps: int, train_cfg, workdir: str) -> None:
         f'would not continue as it began. Resume with train.num_steps={saved_num_steps}; to '
         f'train further, start a new run from its parameters (a new --workdir with '
         f'--init_from={workdir}); train.schedule=constant runs can be extended.')
-
-
-def _latest_saved_step(workdir: str) -> int:
-  """The largest step under DIR/checkpoints (0 when none): the steps the run has taken."""
-  directory = os.path.join(workdir, 'checkpoints')
-  names = os.listdir(directory) if os.path.isdir(directory) else []
-  return max((int(n) for n in names if n.isdigit()), default=0)
 
 
 def _checked_data(objective, workdir: str, start):
