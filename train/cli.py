@@ -157,7 +157,8 @@ def run(main, makes: str | None, errors: tuple[type[Exception], ...] = ()) -> No
   where it stopped, with 128 + the signal's number; Ctrl-C anywhere else, 130. Where libtpu is
   installed but no TPU attached, JAX starts on the CPU without trying TPU
   (`mesh.prepare_backend`, which also sets XLA's CPU flags). The --workdir is checked and
-  recorded first (`command`'s `makes`); a refusal takes the record back."""
+  recorded first (`command`'s `makes`); a command that fails having made nothing else there
+  takes the record back (train.workdir.undone_on_failure), so the directory is as it was."""
   def main_reporting_user_errors(argv):
     # After flag parsing: --help need not import JAX.
     from train import workdir as workdir_lib
@@ -167,13 +168,12 @@ def run(main, makes: str | None, errors: tuple[type[Exception], ...] = ()) -> No
     if len(argv) > 1:
       refuse(f'unexpected arguments {argv[1:]}; every value is given as --flag=value')
     prepare_backend()  # before main creates a JAX backend
-    recorded = None
+    workdir = flags.FLAGS.workdir
     try:
-      recorded = _check_and_record(workdir_lib, flags.FLAGS.workdir, makes)
-      return main(argv)
+      with workdir_lib.undone_on_failure(workdir, keep=lambda: _made_more(workdir_lib, workdir)):
+        _check_and_record(workdir_lib, workdir, makes)
+        return main(argv)
     except (*USER_ERRORS, *errors) as e:
-      if recorded:
-        recorded()
       refuse(str(e))
     except Interrupted as e:
       print(e, file=sys.stderr)
@@ -185,22 +185,18 @@ def run(main, makes: str | None, errors: tuple[type[Exception], ...] = ()) -> No
   app.run(main_reporting_user_errors, flags_parser=parse_flags)
 
 
-def _check_and_record(workdir_lib, workdir: str, makes: str | None):
+def _check_and_record(workdir_lib, workdir: str, makes: str | None) -> None:
   """Refuses a --workdir that another command made (train.workdir.check_command); for a command
-  that makes one, records it. Returns what takes the record back (a refused command leaves the
-  directory as it found it), or None."""
+  that makes one, records it."""
   name = workdir_lib.running_command()
   if name is None:
-    return None
+    return
   workdir_lib.check_command(workdir, name, makes)
-  if makes is None:
-    return None
-  existed = os.path.exists(workdir)
-  if not workdir_lib.record_command(workdir, makes, name):
-    return None
+  if makes is not None:
+    workdir_lib.record_command(workdir, makes, name)
 
-  def take_back():
-    os.remove(os.path.join(workdir, workdir_lib.COMMAND_FILE))
-    if not existed and not os.listdir(workdir):
-      os.rmdir(workdir)
-  return take_back
+
+def _made_more(workdir_lib, workdir: str) -> bool:
+  """Whether `workdir` holds anything besides the command's record: what a failed command keeps
+  (a training run's checkpoints, an experiment's finished stages)."""
+  return os.path.isdir(workdir) and bool(set(os.listdir(workdir)) - {workdir_lib.COMMAND_FILE})
