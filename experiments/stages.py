@@ -27,7 +27,7 @@ import uuid
 from typing import Any, Callable, Sequence
 
 from train.progress import say
-from train.records import RunError, differences, flatten
+from train.records import RunError, differences, flatten, read_json
 
 RECORDS = 'stages'  # DIR/stages/<name>.json
 
@@ -77,11 +77,8 @@ def check(stage: Stage, record: dict, what: str) -> None:
 
 
 def saved(stage: Stage) -> dict | None:
-  """The stage's record, or None."""
-  if not os.path.exists(stage.record_path):
-    return None
-  with open(stage.record_path) as f:
-    return json.load(f)
+  """The stage's record, or None (RunError, one line, for a record cut short)."""
+  return read_json(stage.record_path)
 
 
 def done(stage: Stage) -> dict | None:

@@ -241,7 +241,6 @@ def compile_run(config: ml_collections.ConfigDict, topology: str,
 def _lower_decode(model: LM, params, mesh, context: int):
   """`model.decode.generate` as `python -m eval.sample` runs it by default: one sample from a
   one-token prompt, to the end of the training context, temperature 0.8."""
-  # The one arrow from train/ to eval/ besides the RL objective's: the decoding program.
   replicated = mesh_lib.replicated(mesh)
   prompt = jax.ShapeDtypeStruct((1, 1), jnp.int32, sharding=replicated)
   key = jax.eval_shape(lambda: jax.random.key(0))

@@ -24,7 +24,7 @@ from model.config import ModelConfig
 from train import data as data_lib
 from train import tokenizers
 from train.progress import phase
-from train.records import RunError, differences, flatten  # noqa: F401  (train.workdir.RunError)
+from train.records import RunError, differences, flatten, read_json  # noqa: F401  (RunError)
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
@@ -51,20 +51,6 @@ RESUMABLE_MODEL_FIELDS = {'dropout', 'attention_impl', 'attention_window', 'rema
 DATA_STREAM_FIELDS = ('data.path', 'data.tfds_name', 'data.text_key', 'data.train_split',
                       'data.val_split', 'data.val_fraction', 'data.tokenizer', 'data.vocab_size',
                       'data.seq_len', 'train.batch_size', 'train.seed')
-
-
-def read_json(path: str) -> dict | None:
-  """The JSON object in `path`, None when there is no such file; RunError when it is not JSON
-  (e.g. cut short by a kill or a full disk)."""
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise RunError(f'{path} is not valid JSON ({e}); it was cut short or edited. Restore it, '
-                     f'or delete it and rerun the command that made the directory with the '
-                     f'config it was started with (it is written again)') from None
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict | None:

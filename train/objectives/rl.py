@@ -5,7 +5,7 @@ Each of the loop's calls is one rollout and the updates that learn from it:
 
   rollout   a batch of prompts (`train.batch_size` of them, from `data.path`'s JSON lines),
             `rl.group_size` answers each, sampled through the KV-cache sampler
-            (`model.decode.generate`, the one arrow from train/ to eval/) at `rl.temperature` and
+            (`model.decode.generate`, the model's own generation) at `rl.temperature` and
             `rl.top_p`, each stopping at the chat template's end of turn; then their rewards,
             the policy's and the frozen reference's log-probabilities of every answer token,
             and the advantages
