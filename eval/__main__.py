@@ -87,9 +87,7 @@ def main(argv):
   import jax
 
   from train.restore import load_run
-  from train.errors import quiet_libraries
   from train.evaluate import compile_eval_step, evaluate
-  quiet_libraries()
   f = flags.FLAGS
   if f.per_position:
     return per_position(f)

@@ -24,9 +24,7 @@ def plot_heads(weights: dict, labels: list[str] | None, path: str, title: str = 
                heads: list[tuple[int, int]] | None = None) -> str:
   """A grid of attention patterns: `weights` {layer: (H, L, L)} (one sequence), every head of
   every layer, or only the (layer, head) pairs of `heads` in one row. Returns `path`."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  from eval.figures import plt, save
   panels = heads or [(layer, h) for layer in sorted(weights)
                      for h in range(np.asarray(weights[layer]).shape[0])]
   cols = len(panels) if heads else max(np.asarray(w).shape[0] for w in weights.values())
@@ -52,9 +50,7 @@ def plot_heads(weights: dict, labels: list[str] | None, path: str, title: str = 
       ax.set_yticks([])
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save(fig, path, dpi=130)
   return path
 
 
@@ -66,9 +62,7 @@ def main(argv):
   from train.restore import load_run
   from model.capture import attention_weights
   from model.config import check_context
-  from train.errors import quiet_libraries
   from train.tokenizers import TokenizerError
-  quiet_libraries()
   f = flags.FLAGS
   run = load_run(f.workdir, f.step, f.config)
   if not f.text:

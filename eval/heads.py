@@ -171,9 +171,7 @@ def main(argv):
 
   from train.restore import load_run
   from model.config import ConfigError
-  from train.errors import quiet_libraries
   from train import workdir as workdir_lib
-  quiet_libraries()
   f = flags.FLAGS
   run = load_run(f.workdir, f.step, f.config)
   context = run.config.data.seq_len

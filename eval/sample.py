@@ -44,10 +44,8 @@ def main(argv):
   from model.decode import Sampling, generate
   from train.restore import load_run, same_tokenizer
   from model.config import check_context
-  from train.errors import quiet_libraries
   from train.chat import encode, unescape
   from train.tokenizers import TokenizerError
-  quiet_libraries()
   f = flags.FLAGS
   sampling = Sampling(f.temperature, f.top_k, f.top_p)
   run = load_run(f.workdir, f.step, f.config)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from model import positions
-from model.registry import register_mixer
+from model.registry import Layer, register_mixer
 from model.config import ModelConfig
 from model.layers import ACT_BLHD, dense, head_rmsnorm, output_std
 
@@ -40,12 +40,9 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 @register_mixer('attn', default_ffn='mlp', extra_flops_per_token=attention_flops_per_token,
                 last_only=True)
-class Attention(nn.Module):
+class Attention(Layer):
   """With `last_only`, the last position's query alone reads every position's key and value, and
   the output, (B, 1, D), is that position's (the final layer of an answer-only model)."""
-  config: ModelConfig
-  decode: bool = False
-  deterministic: bool = True
   last_only: bool = False
 
   @nn.compact

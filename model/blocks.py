@@ -13,9 +13,9 @@ import re
 import flax.linen as nn
 import jax
 
-from model.config import ConfigError, ModelConfig
+from model.config import ModelConfig
 from model.layers import ACT_BLD, Norm
-from model.registry import FFNS, MIXERS
+from model.registry import FFNS, MIXERS, Layer
 
 # Collections that layers write besides 'params' and 'cache'.
 AUX_LOSS = 'aux_loss'   # scalars summed into the training loss (e.g. MoE load balancing)
@@ -97,15 +97,12 @@ def run_layers(name: str) -> range | None:
   return range(int(match[2]), int(match[3]) + 1)
 
 
-class Stack(nn.Module):
+class Stack(Layer):
   """The layers of the pattern. With `scan_layers`, each run of identical layers is one `nn.scan`
   whose parameters are stacked on a leading 'layers' axis; otherwise every layer is its own
   module `layer_i`. Both compute the same function (tests/test_blocks.py). With `last_only` it
   returns the last position alone, (B, 1, D); an unscanned final layer with a position-wise
   feed-forward then computes it for that position only."""
-  config: ModelConfig
-  decode: bool = False
-  deterministic: bool = True
   last_only: bool = False
 
   @nn.compact

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from model.registry import register_ffn
-from model.config import ModelConfig
+from model.registry import Layer, register_ffn
 from model.layers import activation, dense, output_std
 
 ACT_BLF = ('activation_batch', 'activation_length', 'activation_mlp')
 
 
 @register_ffn('mlp')
-class MLP(nn.Module):
-  config: ModelConfig
-  decode: bool = False
-  deterministic: bool = True
+class MLP(Layer):
 
   @nn.compact
   def __call__(self, x_BxLxD):

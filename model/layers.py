@@ -49,6 +49,25 @@ def normal(std: float):
   return nn.initializers.normal(stddev=std)
 
 
+def symmetric_uniform(bound: float):
+  """Uniform in [-bound, bound]: with bound = fan_in^-1/2, PyTorch's default for a convolution or
+  a linear layer, which the Mamba references keep."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def inverse_softplus_dt(dt_min: float, dt_max: float, floor: float):
+  """A selective SSM's Δ bias (Mamba, Mamba-2): softplus^-1 of Δ drawn log-uniform in
+  [dt_min, dt_max] and floored at `floor`, so that at initialisation (when Δ's projection of the
+  input is still small) Δ spans the paper's range."""
+  def init(key, shape, dtype=jnp.float32):
+    log_dt = jax.random.uniform(key, shape, dtype, math.log(dt_min), math.log(dt_max))
+    dt = jnp.maximum(jnp.exp(log_dt), floor)
+    return dt + jnp.log(-jnp.expm1(-dt))
+  return init
+
+
 def output_std(cfg: ModelConfig) -> float:
   """GPT-2's scaled init for projections that write into the residual stream."""
   return cfg.init_std / (2 * cfg.num_layers) ** 0.5

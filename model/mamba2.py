@@ -25,9 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.registry import register_mixer
+from model.registry import Layer, register_mixer
 from model.config import ModelConfig
-from model.layers import ACT_BLHD, compute_dtype, dense, output_std, param_init
+from model.layers import (ACT_BLHD, compute_dtype, dense, inverse_softplus_dt, output_std,
+                          param_init, symmetric_uniform)
 
 # The contractions promise float32: accelerators may run float32 matmuls at reduced precision
 # (TF32, one bfloat16 pass) by default.
@@ -140,24 +141,6 @@ def ssd_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 3.0 * (2 * c * G * N + 2 * c * H * P + 4 * H * P * N)
 
 
-def _symmetric_uniform(bound: float):
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
-
-def _dt_bias_init(cfg: ModelConfig):
-  """softplus^-1 of Δ drawn log-uniform in [dt_min, dt_max] and floored at dt_init_floor, so
-  that at initialisation (when the projection is small) Δ spans the paper's range."""
-  m = cfg.mamba2
-
-  def init(key, shape, dtype=jnp.float32):
-    log_dt = jax.random.uniform(key, shape, dtype, math.log(m.dt_min), math.log(m.dt_max))
-    dt = jnp.maximum(jnp.exp(log_dt), m.dt_init_floor)
-    return dt + jnp.log(-jnp.expm1(-dt))
-  return init
-
-
 def _a_log_init(cfg: ModelConfig):
   """A = -exp(A_log) drawn uniform in -[a_init_min, a_init_max] per head (the paper's 1 to 16)."""
   m = cfg.mamba2
@@ -179,7 +162,7 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x_BxLx_, history_BxWm1x_):
     cfg = self.config
     W, channels = cfg.mamba2.d_conv, x_BxLx_.shape[2:]
-    init = _symmetric_uniform(1 / math.sqrt(W))  # fan-in of a depthwise conv is W
+    init = symmetric_uniform(1 / math.sqrt(W))  # fan-in of a depthwise conv is W
     kernel = self.param('kernel', param_init(init, ('conv',) + self.axes), (W, *channels),
                         jnp.float32).astype(x_BxLx_.dtype)
     L = x_BxLx_.shape[1]
@@ -209,10 +192,9 @@ class GatedRMSNorm(nn.Module):
 
 
 @register_mixer('mamba2', default_ffn='none', extra_flops_per_token=ssd_flops_per_token)
-class Mamba2(nn.Module):
-  config: ModelConfig
-  decode: bool = False
-  deterministic: bool = True
+class Mamba2(Layer):
+  """The Mamba-2 block (Dao & Gu 2024): in-projection, causal convolutions of x, B and C, the
+  SSD scan over chunks (`ssd`), gated RMSNorm, out-projection; see the module's docstring."""
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL):
@@ -246,8 +228,8 @@ class Mamba2(nn.Module):
       y, history[k] = DepthwiseConv(cfg, axes, name=f'conv_{k}')(xs[k], history[k])
       xs[k] = jax.nn.silu(y)
 
-    dt_bias_H = self.param('dt_bias', param_init(_dt_bias_init(cfg), ('ssm_heads',)), (H,),
-                           jnp.float32)
+    dt_init = inverse_softplus_dt(m.dt_min, m.dt_max, m.dt_init_floor)
+    dt_bias_H = self.param('dt_bias', param_init(dt_init, ('ssm_heads',)), (H,), jnp.float32)
     A_log_H = self.param('A_log', param_init(_a_log_init(cfg), ('ssm_heads',)), (H,),
                          jnp.float32)
     D_H = self.param('D', param_init(nn.initializers.ones, ('ssm_heads',)), (H,), jnp.float32)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from model.blocks import AUX_LOSS, METRICS
-from model.registry import register_ffn
+from model.registry import Layer, register_ffn
 from model.config import ModelConfig, MoEConfig
 from model.ffn import MLP
 from model.layers import activation, compute_dtype, normal, output_std, param_init
@@ -173,10 +173,7 @@ def dropless(experts: Experts, x_BxLxD, weights_BxLxK, experts_BxLxK):
 
 
 @register_ffn('moe', position_wise=False)  # capacity: earlier tokens claim slots
-class MoE(nn.Module):
-  config: ModelConfig
-  decode: bool = False
-  deterministic: bool = True
+class MoE(Layer):
 
   @nn.compact
   def __call__(self, x_BxLxD):

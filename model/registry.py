@@ -46,6 +46,16 @@ class FfnSpec:
   position_wise: bool
 
 
+class Layer(nn.Module):
+  """What every mixer and feed-forward is built with (model/blocks.py's `Block` passes them on):
+  the model's config, whether the call decodes against a cache (`decode`: its state lives in the
+  'cache' collection), and whether dropout is off. A mixer is called as
+  `(x_BxLxD, positions_BxL) -> y_BxLxD`, a feed-forward as `x_BxLxD -> y_BxLxD`."""
+  config: ModelConfig
+  decode: bool = False
+  deterministic: bool = True
+
+
 MIXERS: dict[str, MixerSpec] = {}
 FFNS: dict[str, FfnSpec] = {'none': FfnSpec(None, position_wise=True)}
 

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from model.blocks import CACHE_STEPS
-from model.registry import register_mixer
+from model.registry import Layer, register_mixer
 from model.config import SCAN_IMPLS, ModelConfig
-from model.layers import compute_dtype, dense, output_std, param_init
+from model.layers import (compute_dtype, dense, inverse_softplus_dt, output_std, param_init,
+                          symmetric_uniform)
 
 # The inner width is split over devices like an MLP's hidden width: both map to 'tensor'.
 ACT_BLDin = ('activation_batch', 'activation_length', 'activation_mlp')
@@ -203,24 +204,6 @@ def mamba_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 15.0 * cfg.mamba.expand * cfg.d_model * cfg.mamba.d_state
 
 
-def _symmetric_uniform(bound: float):
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
-
-def _inverse_softplus_dt_init(cfg: ModelConfig):
-  """Δ's bias: softplus^-1 of Δ drawn log-uniform in [dt_min, dt_max], floored at dt_init_floor,
-  so that at initialisation (when the low-rank part is small) Δ spans the paper's range."""
-  m = cfg.mamba
-
-  def init(key, shape, dtype=jnp.float32):
-    log_dt = jax.random.uniform(key, shape, dtype, math.log(m.dt_min), math.log(m.dt_max))
-    dt = jnp.maximum(jnp.exp(log_dt), m.dt_init_floor)
-    return dt + jnp.log(-jnp.expm1(-dt))
-  return init
-
-
 def _a_log_init(key, shape, dtype=jnp.float32):
   """A = -exp(A_log) = -[1, 2, ..., N] for every channel (S4D-Real)."""
   del key
@@ -239,7 +222,7 @@ class CausalConv(nn.Module):
   def __call__(self, x_BxLxDin, history_BxWm1xDin):
     cfg = self.config
     W, Din = cfg.mamba.d_conv, x_BxLxDin.shape[-1]
-    init = _symmetric_uniform(1 / math.sqrt(W))  # fan-in of a depthwise conv is W
+    init = symmetric_uniform(1 / math.sqrt(W))  # fan-in of a depthwise conv is W
     kernel_WxDin = self.param('kernel', param_init(init, ('conv', 'ssm_inner')), (W, Din),
                               jnp.float32).astype(x_BxLxDin.dtype)
     L = x_BxLxDin.shape[1]
@@ -258,21 +241,20 @@ class DeltaProjection(nn.Module):
 
   @nn.compact
   def __call__(self, dt_BxLxR):
-    cfg = self.config
-    R, Din = cfg.dt_rank, cfg.mamba.expand * cfg.d_model
-    kernel_RxDin = self.param('kernel', param_init(_symmetric_uniform(R ** -0.5),
+    cfg, m = self.config, self.config.mamba
+    R, Din = cfg.dt_rank, m.expand * cfg.d_model
+    kernel_RxDin = self.param('kernel', param_init(symmetric_uniform(R ** -0.5),
                                                    ('ssm_rank', 'ssm_inner')), (R, Din),
                               jnp.float32)
-    bias_Din = self.param('bias', param_init(_inverse_softplus_dt_init(cfg), ('ssm_inner',)),
-                          (Din,), jnp.float32)
+    dt_init = inverse_softplus_dt(m.dt_min, m.dt_max, m.dt_init_floor)
+    bias_Din = self.param('bias', param_init(dt_init, ('ssm_inner',)), (Din,), jnp.float32)
     return dt_BxLxR @ kernel_RxDin.astype(dt_BxLxR.dtype), bias_Din
 
 
 @register_mixer('mamba', default_ffn='none', extra_flops_per_token=mamba_flops_per_token)
-class Mamba(nn.Module):
-  config: ModelConfig
-  decode: bool = False
-  deterministic: bool = True
+class Mamba(Layer):
+  """The Mamba block (Gu & Dao 2023): in-projection to x and the gate z, a causal convolution of
+  x, the selective scan with input-dependent Δ, B and C, the gate, out-projection."""
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL):

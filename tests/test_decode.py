@@ -39,23 +39,37 @@ def cached_logits(model, params, tokens_BxL, prompt: int):
   return run(params, tokens_BxL)
 
 
+def assert_cached_equals_full(cfg, *, batch=2, length=12, prompt=5, atol=2e-5):
+  """Decoding through the cache (a prefill of `prompt` tokens, then one at a time) gives the full
+  forward pass's logits at every position from the prompt's last on. Returns what it built."""
+  model, params = setup(cfg)
+  tokens = jax.random.randint(jax.random.key(3), (batch, length), 0, cfg.vocab_size)
+  full = jax.jit(model.apply)({'params': params}, tokens)
+  np.testing.assert_allclose(cached_logits(model, params, tokens, prompt), full[:, prompt - 1:],
+                             atol=atol, rtol=1e-5)
+  return model, params, tokens, full
+
+
+def assert_generation_equals_uncached(model, params, *, prompt_shape=(3, 5), max_new_tokens=10,
+                                      sampling=Sampling(0.8, top_k=20)):
+  """`generate` (cache) and `generate_uncached` (the whole sequence again each step) draw the
+  same tokens from the same key. Returns the tokens and the lengths `generate` gives."""
+  prompt = jax.random.randint(jax.random.key(4), prompt_shape, 0, model.config.vocab_size)
+  kw = dict(max_new_tokens=max_new_tokens, sampling=sampling)
+  cached, lengths = generate(model, params, prompt, jax.random.key(7), **kw)
+  uncached, _ = generate_uncached(model, params, prompt, jax.random.key(7), **kw)
+  np.testing.assert_array_equal(cached, uncached)
+  np.testing.assert_array_equal(cached[:, :prompt_shape[1]], prompt)
+  return cached, lengths
+
+
 @pytest.mark.parametrize('position', POSITIONS)
 def test_cached_decoding_equals_full_forward(position):
-  cfg = tiny(position=position, num_kv_heads=2, pattern='attn*2')
-  model, params = setup(cfg)
-  tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
-  full = jax.jit(model.apply)({'params': params}, tokens)
-  np.testing.assert_allclose(cached_logits(model, params, tokens, prompt=5), full[:, 4:],
-                             atol=2e-5, rtol=1e-5)
+  assert_cached_equals_full(tiny(position=position, num_kv_heads=2, pattern='attn*2'))
 
 
 def test_cached_decoding_with_a_sliding_window_equals_full_forward():
-  cfg = tiny(attention_window=4, scan_layers=False)
-  model, params = setup(cfg)
-  tokens = jax.random.randint(jax.random.key(3), (1, 12), 0, cfg.vocab_size)
-  full = jax.jit(model.apply)({'params': params}, tokens)
-  np.testing.assert_allclose(cached_logits(model, params, tokens, prompt=3), full[:, 2:],
-                             atol=2e-5)
+  assert_cached_equals_full(tiny(attention_window=4, scan_layers=False), batch=1, prompt=3)
 
 
 @pytest.mark.parametrize('position', ['rope', 'alibi'])
@@ -88,11 +102,7 @@ def test_cached_decoding_equals_full_forward_for_every_kind_of_last_layer(mixer,
              moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=0.5),
              mamba=MambaConfig(scan_chunk=4),
              mamba2=Mamba2Config(head_dim=8, d_state=8, n_groups=2, chunk_size=4))
-  model, params = setup(cfg)
-  tokens = jax.random.randint(jax.random.key(3), (2, 11), 0, cfg.vocab_size)
-  full = jax.jit(model.apply)({'params': params}, tokens)
-  np.testing.assert_allclose(cached_logits(model, params, tokens, prompt=5), full[:, 4:],
-                             atol=2e-5, rtol=1e-5)
+  model, params, tokens, full = assert_cached_equals_full(cfg, length=11)
   last = jax.jit(lambda p, t: model.apply({'params': p}, t, last_only=True))(params, tokens)
   np.testing.assert_allclose(last, full[:, -1:], atol=2e-5, rtol=1e-5)
 
@@ -100,15 +110,10 @@ def test_cached_decoding_equals_full_forward_for_every_kind_of_last_layer(mixer,
 @pytest.mark.parametrize('sampling', [Sampling(0.0), Sampling(1.0, top_k=5),
                                       Sampling(0.8, top_p=0.9)])
 def test_cached_generation_equals_uncached_token_for_token(sampling):
-  cfg = tiny(position='rope')
-  model, params = setup(cfg)
-  prompt = jax.random.randint(jax.random.key(4), (3, 5), 0, cfg.vocab_size)
-  kw = dict(max_new_tokens=12, sampling=sampling)
-  cached, n1 = generate(model, params, prompt, jax.random.key(7), **kw)
-  uncached, n2 = generate_uncached(model, params, prompt, jax.random.key(7), **kw)
-  np.testing.assert_array_equal(cached, uncached)
-  np.testing.assert_array_equal(cached[:, :5], prompt)
-  assert np.all(np.asarray(n1) == 12) and np.all(np.asarray(n2) == 12)
+  model, params = setup(tiny(position='rope'))
+  _, lengths = assert_generation_equals_uncached(model, params, max_new_tokens=12,
+                                                 sampling=sampling)
+  assert np.all(np.asarray(lengths) == 12)
 
 
 def test_generation_stops_at_the_end_token():

@@ -10,13 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.decode import Sampling, generate, generate_uncached
 from model.config import ConfigError, Mamba2Config
 from model.mamba2 import Mamba2, ssd
 from train.loop import train_and_evaluate
 from train.mesh import RULES
 from tests.conftest import run_config, tiny
-from tests.test_decode import setup
+from tests.test_decode import assert_generation_equals_uncached, setup
 
 
 def ssd_inputs(seed, b, L, H, P, G, N, dtype=jnp.float64):
@@ -185,13 +184,7 @@ def test_the_mixer_equals_the_paper_written_out_and_initialises_as_the_paper():
 # tests/test_decode.py runs a scanned and an unscanned run of two mamba2 layers after an attention
 # layer with a prompt of 5 (chunks of 4: not a multiple); here a prompt of two whole chunks.
 def test_cached_generation_of_a_hybrid_equals_uncached_token_for_token():
-  cfg = small(pattern='mamba2,attn')
-  model, params = setup(cfg)
-  prompt = jax.random.randint(jax.random.key(4), (3, 8), 0, cfg.vocab_size)
-  kw = dict(max_new_tokens=10, sampling=Sampling(0.8, top_k=20))
-  cached, _ = generate(model, params, prompt, jax.random.key(7), **kw)
-  uncached, _ = generate_uncached(model, params, prompt, jax.random.key(7), **kw)
-  np.testing.assert_array_equal(cached, uncached)
+  assert_generation_equals_uncached(*setup(small(pattern='mamba2,attn')), prompt_shape=(3, 8))
 
 
 def test_bad_mamba2_configs_name_the_field():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.decode import Sampling, generate, generate_uncached
+from model.decode import Sampling
 from model import LM, count_params, training_flops_per_token
 from model.blocks import AUX_LOSS, METRICS
 from model.config import ConfigError, MoEConfig
@@ -18,6 +18,7 @@ from model.moe import (Experts, MoE, dispatch_and_combine, load_balancing_loss, 
                        router_z_loss)
 from train.loop import flatten_layer_metrics, train_and_evaluate
 from tests.conftest import run_config, tiny
+from tests.test_decode import assert_generation_equals_uncached, setup
 
 
 def moe_cfg(**moe):
@@ -254,13 +255,9 @@ def test_scanned_moe_layers_equal_unscanned_and_report_per_layer_metrics():
 
 def test_cached_generation_equals_uncached_token_for_token_drops_included():
   cfg = moe_cfg(capacity_factor=0.5).replace(pattern='attn:moe*2', scan_layers=True)
-  model = LM(cfg)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']
-  prompt = jax.random.randint(jax.random.key(4), (3, 5), 0, cfg.vocab_size)
-  kw = dict(max_new_tokens=11, sampling=Sampling(1.0))
-  cached, _ = generate(model, params, prompt, jax.random.key(7), **kw)
-  uncached, _ = generate_uncached(model, params, prompt, jax.random.key(7), **kw)
-  np.testing.assert_array_equal(cached, uncached)
+  model, params = setup(cfg)
+  cached, _ = assert_generation_equals_uncached(model, params, max_new_tokens=11,
+                                                sampling=Sampling(1.0))
   _, cols = jax.jit(lambda p, t: model.apply({'params': p}, t, mutable=[METRICS]))(params, cached)
   flat = flatten_layer_metrics(jax.tree.map(lambda x: x[None], cols[METRICS]))
   fractions = np.asarray([v for k, v in flat.items() if k.endswith('dropped_fraction')])

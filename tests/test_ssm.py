@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from model.decode import Sampling, generate, generate_uncached
 from model import LM, count_params, training_flops_per_token
 from model.config import ConfigError, MambaConfig
 from model.ssm import selective_scan
@@ -20,7 +19,8 @@ from train.loop import train_and_evaluate
 from tests.conftest import run_config, tiny
 from tests.test_blocks import assert_scanned_equals_plain, square_loss, unstack
 from tests.test_counting import compiled_flops_per_token
-from tests.test_decode import cached_logits, setup
+from tests.test_decode import (assert_cached_equals_full, assert_generation_equals_uncached,
+                               setup)
 
 
 def scan_inputs(seed=0, b=2, L=37, d=6, n=4):
@@ -196,22 +196,12 @@ def test_mamba_lm_is_causal_and_both_scans_give_its_logits():
 def test_cached_decoding_equals_full_forward(pattern, scan_layers):
   # Chunks of 4: the prefill of 5 tokens crosses a chunk boundary and is padded.
   cfg = tiny(pattern=pattern, scan_layers=scan_layers, mamba=MambaConfig(scan_chunk=4))
-  model, params = setup(cfg)
-  tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, cfg.vocab_size)
-  full = jax.jit(model.apply)({'params': params}, tokens)
-  np.testing.assert_allclose(cached_logits(model, params, tokens, prompt=5), full[:, 4:],
-                             atol=2e-5, rtol=1e-5)
+  assert_cached_equals_full(cfg, length=8)
 
 
 def test_cached_generation_of_a_hybrid_equals_uncached_token_for_token():
   # MoE-Mamba beside attention: every kind of decoding state (SSM, KV, expert slots) at once.
-  cfg = tiny(pattern='mamba:moe,attn')
-  model, params = setup(cfg)
-  prompt = jax.random.randint(jax.random.key(4), (3, 5), 0, cfg.vocab_size)
-  kw = dict(max_new_tokens=10, sampling=Sampling(0.8, top_k=20))
-  cached, _ = generate(model, params, prompt, jax.random.key(7), **kw)
-  uncached, _ = generate_uncached(model, params, prompt, jax.random.key(7), **kw)
-  np.testing.assert_array_equal(cached, uncached)
+  assert_generation_equals_uncached(*setup(tiny(pattern='mamba:moe,attn')))
 
 
 def test_scanned_rematerialised_and_bfloat16_stacks_compute_the_same_function():

@@ -39,8 +39,6 @@ def main(argv):
   # starts before anything creates a JAX backend.
   from train import loop
   from train import mesh as mesh_lib
-  from train.errors import quiet_libraries
-  quiet_libraries()
   if f.compile_for:
     from train.compile_for import compile_for
     compile_for(f.config, f.workdir, f.compile_for)

@@ -156,18 +156,20 @@ def run(main, makes: str | None, errors: tuple[type[Exception], ...] = ()) -> No
   line, not a traceback, with exit status 2. A run stopped by a signal (train.preemption) says
   where it stopped, with 128 + the signal's number; Ctrl-C anywhere else, 130. Where libtpu is
   installed but no TPU attached, JAX starts on the CPU without trying TPU
-  (`mesh.prepare_backend`, which also sets XLA's CPU flags). The --workdir is checked and
+  (`mesh.prepare_backend`, which also sets XLA's CPU flags), and libraries' log lines that
+  mislead are kept out (train.errors.quiet_libraries). The --workdir is checked and
   recorded first (`command`'s `makes`); a command that fails having made nothing else there
   takes the record back (train.workdir.undone_on_failure), so the directory is as it was."""
   def main_reporting_user_errors(argv):
     # After flag parsing: --help need not import JAX.
     from train import workdir as workdir_lib
-    from train.errors import USER_ERRORS
+    from train.errors import USER_ERRORS, quiet_libraries
     from train.mesh import prepare_backend
     from train.preemption import Interrupted
     if len(argv) > 1:
       refuse(f'unexpected arguments {argv[1:]}; every value is given as --flag=value')
     prepare_backend()  # before main creates a JAX backend
+    quiet_libraries()
     workdir = flags.FLAGS.workdir
     try:
       with workdir_lib.undone_on_failure(workdir, keep=lambda: _made_more(workdir_lib, workdir)):

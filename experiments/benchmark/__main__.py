@@ -117,8 +117,6 @@ def main(argv):
 
   from model.config import ConfigError
   from train import perf
-  from train.errors import quiet_libraries
-  quiet_libraries()
   c = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
   platform = jax.devices()[0].platform

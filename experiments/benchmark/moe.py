@@ -88,8 +88,6 @@ def table(results: list[dict]) -> str:
 def main(argv):
   del argv
   from train import perf
-  from train.errors import quiet_libraries
-  quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   runs = run_configs(config)

@@ -73,9 +73,7 @@ def log_slope(lengths, seconds) -> float:
 
 
 def plot(result: dict, path: str):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  from eval.figures import plt, save
 
   lengths = [r['length'] for r in result['rows']]
   fig, (ax_time, ax_token) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -97,9 +95,7 @@ def plot(result: dict, path: str):
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()
   fig.suptitle(result['device'], fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path, dpi=120)
 
 
 def main(argv):

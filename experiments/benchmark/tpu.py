@@ -74,8 +74,6 @@ def format_table(rows: list[dict]) -> str:
 def main(argv):
   del argv
   from train.compile_for import compile_run
-  from train.errors import quiet_libraries
-  quiet_libraries()
   c, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   names = [n for n in (c.cases or ','.join(c.catalog)).split(',') if n]
   unknown = [n for n in names if n not in c.catalog]

@@ -164,9 +164,7 @@ def summarize(config, results: dict, wall_s: float) -> dict:
 def main(argv):
   del argv
   from experiments.extrapolation import plots
-  from train.errors import quiet_libraries
   from train.progress import say
-  quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   summary_path = os.path.join(workdir, 'summary.json')
   if flags.FLAGS.plot_only:

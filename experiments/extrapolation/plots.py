@@ -4,11 +4,7 @@ scheme) beside the loss by position at the longest length."""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use('Agg')  # files only; no display needed
-
-import matplotlib.pyplot as plt  # noqa: E402
+from eval.figures import plt, save
 
 COLORS = {'rope': 'tab:blue', 'alibi': 'tab:red', 'sinusoidal': 'tab:green',
           'learned': 'tab:purple', 'none': 'tab:gray', 'mamba': 'tab:orange'}
@@ -46,6 +42,4 @@ def plot(summary: dict, path: str) -> None:
   for ax in (by_length, by_position):
     ax.set_ylim(lowest - 0.1, min(top, lowest + 3.0) + 0.1)
   by_length.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path, dpi=120)

@@ -272,8 +272,6 @@ def sweep(config, workdir: str) -> list[dict]:
 
 def main(argv):
   del argv
-  from train.errors import quiet_libraries
-  quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if flags.FLAGS.sweep:
     sweep(config, workdir)

@@ -55,8 +55,6 @@ def measure(config) -> list[dict]:
 def main(argv):
   del argv
   from train import perf
-  from train.errors import quiet_libraries
-  quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   rows = measure(config)
   print(f'{config.task.operation} mod {config.task.prime}, '

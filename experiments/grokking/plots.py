@@ -3,11 +3,7 @@ metrics.jsonl and summary.json without training again)."""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use('Agg')  # files only; no display needed
-
-import matplotlib.pyplot as plt  # noqa: E402
+from eval.figures import plt, save
 import numpy as np  # noqa: E402
 
 
@@ -43,9 +39,7 @@ def plot_curves(rows: list[dict], summary: dict, path: str) -> None:
   fig.suptitle(f'{title}, {100 * summary["train_fraction"]:g}% of the table for training, '
                f'weight decay {summary["weight_decay"]:g}'
                + (', Grokfast' if summary.get('grokfast') else ''))
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
 def plot_fourier(spectrum: np.ndarray, keys: list[int], rows: list[dict], summary: dict,
@@ -62,15 +56,11 @@ def plot_fourier(spectrum: np.ndarray, keys: list[int], rows: list[dict], summar
   gini.plot([r['step'] for r in rows], [r['embedding_fourier_gini'] for r in rows],
             color='tab:purple')
   _mark_steps(gini, summary)
-  gini.set_xscale('log')
-  gini.set_xlabel('step')
-  gini.set_ylabel('Gini coefficient of frequency norms')
+  gini.set(xscale='log', xlabel='step', ylabel='Gini coefficient of frequency norms')
   gini.set_title('sparsity of the embedding in the Fourier basis', fontsize=10)
   gini.grid(alpha=0.3)
   gini.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
 def plot_sweep(results: list[dict], num_steps: int, path: str) -> None:
@@ -91,12 +81,8 @@ def plot_sweep(results: list[dict], num_steps: int, path: str) -> None:
     if never:
       ax.plot([r['train_fraction'] for r in never], [num_steps] * len(never), 'o', color=color,
               mfc='none', label=f'not generalised in {num_steps} steps')
-  ax.set_yscale('log')
-  ax.set_xlabel('training fraction of the table')
-  ax.set_ylabel('steps to 99% accuracy')
+  ax.set(yscale='log', xlabel='training fraction of the table', ylabel='steps to 99% accuracy')
   ax.set_title('Generalisation comes sooner with more training data', fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)

@@ -119,9 +119,7 @@ def draw_heads(config, workdir: str, pattern: str, summary: dict, path: str) -> 
 def main(argv):
   del argv
   from experiments.induction import analysis, corpus, plots
-  from train.errors import quiet_libraries
   from train.progress import say
-  quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   start = time.time()
   patterns = parse_patterns(config.patterns)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
+from eval.figures import plt, save
 
 
 def plot_scores(models: dict[str, list[dict]], summaries: dict[str, dict], path: str) -> str:
@@ -43,7 +40,5 @@ def plot_scores(models: dict[str, list[dict]], summaries: dict[str, dict], path:
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path, dpi=120)
   return path

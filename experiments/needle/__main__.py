@@ -82,9 +82,7 @@ def probe(config, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  from train.errors import quiet_libraries
   from train.progress import say
-  quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   check_config(config)
   start = time.time()

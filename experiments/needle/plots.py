@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use('Agg')  # files only; no display needed
-
-import matplotlib.pyplot as plt  # noqa: E402
+from eval.figures import plt, save
 import numpy as np  # noqa: E402
 
 
@@ -26,6 +22,4 @@ def heat_map(result: dict, path: str) -> None:
   ax.set_title(f'pass-key retrieval accuracy, {result["position"]}, {result["num"]} probes per '
                f'cell', fontsize=9)
   fig.colorbar(image, ax=ax, fraction=0.04)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path, dpi=120)

@@ -301,9 +301,7 @@ def rl_ends(curves: dict) -> dict:
 def plot_rl(curves: dict, path: str) -> None:
   """Reward (each stage's own: exact match, the reward model's score), rollout accuracy and KL
   over the RL steps; thin lines per step, thick a moving average over 5 logged steps."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  from eval.figures import plt, save
   panels = [(stage, 'reward', f'{stage}: reward ({what})') for stage, what in
             (('grpo', 'exact match'), ('rlhf', "the reward model's score")) if stage in curves]
   panels += [(None, 'accuracy', 'exact-match accuracy of the rollouts'),
@@ -327,15 +325,11 @@ def plot_rl(curves: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     if only is None:
       ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save(fig, path, dpi=110)
 
 
 def plot(summary: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  from eval.figures import plt, save
   names = list(summary['accuracy'])
   values = [100 * summary['accuracy'][n] for n in names]
   fig, ax = plt.subplots(figsize=(7, 4))
@@ -347,17 +341,13 @@ def plot(summary: dict, path: str) -> None:
   ax.set_title(f'integer addition, {summary["num_test"]} test problems; reward model pairwise '
                f'accuracy {100 * summary["reward_model_accuracy"]:.1f}%', fontsize=9)
   ax.grid(axis='y', alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save(fig, path, dpi=110)
 
 
 def main(argv):
   del argv
   from experiments.posttrain import task
-  from train.errors import quiet_libraries
   from train.progress import say
-  quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   start = time.time()
   problems = task.load(config.task)

@@ -198,8 +198,6 @@ def analyze(workdir: str, target: float = 0.99) -> dict:
 
 def main(argv):
   del argv
-  from train.errors import quiet_libraries
-  quiet_libraries()
   f = flags.FLAGS
   if f.analyze_only:
     analyze(f.workdir, f.config.sweep.target)

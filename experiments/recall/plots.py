@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+import matplotlib.ticker
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
+from eval.figures import plt, save
 
 
 def _panels(runs: list[dict]) -> list[tuple[int, int]]:
@@ -51,9 +49,7 @@ def _figure(runs: list[dict], x: str, xlabel: str, target: float, path: str) -> 
     ax.set_xlabel(xlabel)
   axes[0][0].set_ylabel('accuracy on held-out answers')
   axes[0][-1].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save(fig, path, dpi=110)
   return path
 
 

@@ -262,8 +262,6 @@ def compare(workdirs: list[str], out: str, num_bootstrap: int = 100) -> str:
 
 def main(argv):
   del argv
-  from train.errors import quiet_libraries
-  quiet_libraries()
   f = flags.FLAGS
   if f.compile_for and not f.dry_run:
     raise SweepError('--compile_for checks the grid without training: add --dry_run')

@@ -143,9 +143,7 @@ def summarize(rows, target_run, draft_run) -> dict:
 
 
 def plot(summary: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  from eval.figures import plt, save
   fig, (ax_speed, ax_accept) = plt.subplots(1, 2, figsize=(10, 4))
   for temperature, t in summary['temperatures'].items():
     ks = sorted(t['speedup'], key=int)
@@ -164,17 +162,13 @@ def plot(summary: dict, path: str) -> None:
   fig.suptitle(f'target {summary["target"]} x {summary["target_d_model"]} '
                f'({summary["target_params"] / 1e6:.1f}M), draft {summary["draft"]} x '
                f'{summary["draft_d_model"]} ({summary["draft_params"] / 1e6:.2f}M)')
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
 def main(argv):
   del argv
   from train.restore import load_run, same_tokenizer
   from model.config import ConfigError
-  from train.errors import quiet_libraries
-  quiet_libraries()
   f = flags.FLAGS
   config, workdir = f.config, f.workdir
   if bool(f.target) != bool(f.draft):
