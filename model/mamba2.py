@@ -97,16 +97,24 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, initial_state=None, return_final_sta
 
   # 3. Across chunks: the state entering chunk k + 1 is exp(a_last of k) x (state entering k) +
   # chunk k's own state; a short scan over the L / Q chunks.
-  h0 = (jnp.zeros((batch, H, P, N), dtype) if initial_state is None
-        else f32(initial_state))
   chunk_decay_KxBxGxR = jnp.moveaxis(jnp.exp(a_BxKxGxRxQ[..., -1]), 1, 0)
+  own_KxBxGxRxPxN = jnp.moveaxis(states_BxKxGxRxPxN, 1, 0)
 
   def across(h_BxGxRxPxN, inputs):
     decay_BxGxR, own_BxGxRxPxN = inputs
     return decay_BxGxR[..., None, None] * h_BxGxRxPxN + own_BxGxRxPxN, h_BxGxRxPxN
 
-  final, entering = jax.lax.scan(across, h0.reshape(batch, G, R, P, N),
-                                 (chunk_decay_KxBxGxR, jnp.moveaxis(states_BxKxGxRxPxN, 1, 0)))
+  if initial_state is None:
+    # From a zero state the first chunk's own state is the state after it: the scan starts
+    # there. Decaying a known zero state instead left XLA constant-folding the zero gradient of
+    # that product (seconds of compile time and an HLO dump on stderr for one-chunk sequences).
+    zero_1xBxGxRxPxN = jnp.zeros_like(own_KxBxGxRxPxN[:1])
+    final, entering = jax.lax.scan(across, own_KxBxGxRxPxN[0],
+                                   (chunk_decay_KxBxGxR[1:], own_KxBxGxRxPxN[1:]))
+    entering = jnp.concatenate([zero_1xBxGxRxPxN, entering])
+  else:
+    final, entering = jax.lax.scan(across, f32(initial_state).reshape(batch, G, R, P, N),
+                                   (chunk_decay_KxBxGxR, own_KxBxGxRxPxN))
   entering_BxKxGxRxPxN = jnp.moveaxis(entering, 0, 1)
 
   # 4. State to output: y_l += exp(a_l) (h_entering C_l).

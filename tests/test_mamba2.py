@@ -52,6 +52,7 @@ SHAPES = {  # (batch, L, H, P, G, N, chunk_size, with an initial state)
     '37 steps in chunks of 8, 2 groups of 2 heads, initial state': (2, 37, 4, 3, 2, 5, 8, True),
     '20 steps in chunks of 5, a group per head': (2, 20, 3, 2, 3, 4, 5, False),
     'a chunk longer than the sequence, 1 group of 2 heads': (1, 5, 2, 2, 1, 2, 64, True),
+    'one chunk from the zero state (no scan across chunks)': (1, 5, 2, 2, 1, 2, 64, False),
 }
 
 
