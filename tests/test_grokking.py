@@ -213,6 +213,16 @@ def test_a_sweep_of_tiny_runs_writes_every_output(tmp_path):
   assert summary['memorize_step'] in memorized and all(
       r['train_accuracy'] < 0.99 for r in rows if r['step'] < summary['memorize_step'])
   assert summary['final_train_accuracy'] == 1.0 and summary['wall_s'] > 0
+
+  # Run again with one fraction changed: the unchanged run is kept (its files untouched), the
+  # changed one is trained; a run whose config changed in place is made again.
+  kept = os.path.getmtime(workdir / 'metrics.jsonl')
+  config.sweep.update(train_fractions=(0.5, 0.9))
+  again = grokking.sweep(config, str(tmp_path / 'sweep'))
+  assert again[0] == results[0] and os.path.getmtime(workdir / 'metrics.jsonl') == kept
+  assert again[1]['train_fraction'] == 0.9 and (tmp_path / 'sweep' / 'wd1_frac0.9').is_dir()
+  config.train.lr *= 2
+  assert grokking.sweep(config, str(tmp_path / 'sweep'))[0]['wall_s'] != results[0]['wall_s']
   assert summary['key_frequencies'] and len(summary['fourier_spectrum']) == 5
   for name in ('grokking.png', 'fourier.png', 'config.json'):
     assert os.path.getsize(workdir / name) > 1000, name

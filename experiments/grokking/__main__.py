@@ -18,7 +18,8 @@ Writes into the work directory:
   grokking.png    accuracy and loss against step (log axis), memorisation and grokking marked
   fourier.png     the final embedding's spectrum and its sparsity over training (modular tasks)
 With --sweep, one such run per (train fraction, weight decay) of `config.sweep` in subdirectories,
-then sweep.json and sweep.png: steps to generalise against the training fraction.
+then sweep.json and sweep.png: steps to generalise against the training fraction. Run again,
+the sweep keeps each finished run whose config is unchanged (DIR/stages/) and trains the rest.
 
 Why not `train/loop.py`: that loop streams token batches from a corpus and checkpoints; here the
 whole dataset is a few thousand 3-token rows that live on the device, every step sees all of the
@@ -251,19 +252,30 @@ def train(config, workdir: str) -> dict:
   return summary
 
 
+SWEEP_FIELDS = ('train_fraction', 'weight_decay', 'memorize_step', 'grok_step', 'final_step',
+                'final_val_accuracy', 'wall_s')
+
+
 def sweep(config, workdir: str) -> list[dict]:
   """One run per (weight decay, train fraction) of config.sweep, in workdir/wd<w>_frac<f>/;
-  then sweep.json and sweep.png."""
+  then sweep.json and sweep.png. Each run is a stage (experiments/stages.py): run again, the
+  command keeps the runs whose config is unchanged and makes the others again."""
+  from experiments import stages
   from experiments.grokking import plots
   results = []
   for weight_decay in config.sweep.weight_decays:
     for fraction in config.sweep.train_fractions:
       c = ml_collections.ConfigDict(config.to_dict())
       c.task.train_fraction, c.train.weight_decay = float(fraction), float(weight_decay)
-      summary = train(c, os.path.join(workdir, f'wd{weight_decay:g}_frac{fraction:g}'))
-      results.append({k: summary[k] for k in ('train_fraction', 'weight_decay', 'memorize_step',
-                                              'grok_step', 'final_step', 'final_val_accuracy',
-                                              'wall_s')})
+      name = f'wd{weight_decay:g}_frac{fraction:g}'
+
+      def make(path, c=c):
+        summary = train(c, path)
+        return {k: summary[k] for k in SWEEP_FIELDS}
+
+      settings = {k: v for k, v in c.to_dict().items() if k != 'sweep'}  # the run's own
+      stage = stages.Stage(workdir, name, settings, [os.path.join(workdir, name)])
+      results.append(stages.run(stage, make)['result'])
   with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
     json.dump(results, f, indent=1)
   plots.plot_sweep(results, config.train.num_steps, os.path.join(workdir, 'sweep.png'))
