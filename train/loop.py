@@ -262,6 +262,9 @@ class Run:
     config.model.vocab_size = self.model_cfg.vocab_size
     config.data.path = os.path.abspath(dc.path) if dc.path else ''
     config.train.init_from = os.path.abspath(tc.init_from) if tc.init_from else ''
+    for field, directory in self.objective.frozen_runs().items():
+      section, key = field.split('.')
+      config[section][key] = os.path.abspath(directory)
     for field, (step, fingerprint) in pins.items():
       if step is not None:
         section, key = field.split('.')
