@@ -94,6 +94,9 @@ class Distillation(LanguageModeling):
       raise ConfigError(f'distill.teacher={dc.teacher} saved another tokenizer than the one in '
                         f'{run.workdir}; the teacher and the student must share one')
     teacher = load_run(dc.teacher, dc.teacher_step)
+    if teacher.head == 'scalar':
+      raise ConfigError(f'distill.teacher={dc.teacher} is a reward model (objective '
+                        f'{teacher.config.train.objective}); give a language model\'s run')
     if teacher.model_cfg.vocab_size != run.model_cfg.vocab_size:
       raise ConfigError(f'distill.teacher={dc.teacher} has model.vocab_size='
                         f'{teacher.model_cfg.vocab_size}, the student '
