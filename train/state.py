@@ -128,6 +128,12 @@ def union(a, b):
   return traverse_util.unflatten_dict(flat)
 
 
+def abstract_params(model: LM, head: str = 'logits'):
+  """The parameters `model` applies with `head`: their boxed abstract tree, nothing allocated."""
+  return jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 1), jnp.int32), head=head))['params']
+
+
 class Layout:
   """Which parameters of `model` (applied with `head`) train and which are frozen."""
 
@@ -140,8 +146,7 @@ class Layout:
     if (reference or self.rank) and start is None:
       raise ConfigError('a reference model and LoRA need the run to start from another: set '
                         'train.init_from (e.g. --init_from=runs/sft)')
-    self.full = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32), head=head))['params']  # boxed
+    self.full = abstract_params(model, head)
     if start is not None:
       self.started, self.new = _split(self.full, start.paths)
     else:
@@ -162,9 +167,7 @@ class Layout:
 
   def abstract_frozen(self):
     """The frozen parameters' boxed abstract tree, {role: parameters}, or None."""
-    frozen = {name: jax.eval_shape(lambda m=m: m.init(
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))['params']
-              for name, m in self.frozen_models.items()}
+    frozen = {name: abstract_params(m) for name, m in self.frozen_models.items()}
     if self.has_frozen:
       frozen['start'] = self.started
     return frozen or None

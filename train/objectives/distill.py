@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+import flax.linen as nn
 from flax import traverse_util
 
 from model import LM
@@ -35,6 +36,7 @@ from model.config import ConfigError, check_context
 from train import step as step_lib, tokenizers, workdir as workdir_lib
 from train.objectives.lm import LanguageModeling
 from train.restore import load_run, same_tokenizer
+from train.state import abstract_params
 
 
 def kd_losses(student_logits_BxLxV, teacher_logits_BxLxV, temperature: float, top_k: int = 0):
@@ -107,8 +109,7 @@ class Distillation(LanguageModeling):
       raise ConfigError(f'distill.teacher={dc.teacher}: {e}') from None
     self.teacher_model = LM(teacher.model_cfg)
     # The parameters the logits read (a PPO teacher also has a value head).
-    wanted = traverse_util.flatten_dict(jax.eval_shape(lambda: self.teacher_model.init(
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))['params'])
+    wanted = traverse_util.flatten_dict(nn.unbox(abstract_params(self.teacher_model)))
     flat = traverse_util.flatten_dict(teacher.params)
     self.teacher_params = traverse_util.unflatten_dict({k: flat[k] for k in wanted})
 
