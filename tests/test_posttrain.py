@@ -137,7 +137,8 @@ def test_dpo_starts_at_log_2_and_its_gradient_favours_the_chosen_answers():
   objective = dpo_lib.DPO(run_config('', dpo=dict(beta=0.5, label_smoothing=0.0)))
   loss_fn = objective.loss_fn(model)
   batch = pair_batch(cfg.vocab_size)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None, params)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None,
+                                                                  {'start': params})
   np.testing.assert_allclose(loss / aux['weight'], np.log(2.0), rtol=1e-6)
   # A small gradient step raises the chosen answers' log-probability relative to the rejected.
   moved = jax.tree.map(lambda p, g: p - 0.01 * g, params, grads)
@@ -156,7 +157,7 @@ def test_dpos_nll_term_adds_the_chosen_answers_mean_negative_log_likelihood():
 
   def loss(nll_weight):
     objective = dpo_lib.DPO(run_config('', dpo=dict(beta=0.5, nll_weight=nll_weight)))
-    return objective.loss_fn(model)(params, batch, None, params)
+    return objective.loss_fn(model)(params, batch, None, {'start': params})
 
   plain, _ = loss(0.0)
   with_nll, aux = loss(0.7)

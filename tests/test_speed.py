@@ -95,6 +95,19 @@ def test_runs_differing_only_in_length_compile_the_train_step_once(tfds_dir, tmp
     np.testing.assert_allclose(lrs, expected, rtol=1e-6, atol=0)  # float32 ulps
 
 
+def test_programs_of_one_text_whose_inputs_differ_are_not_shared():
+  """An input the program never reads is left out of its text: the executable kept for inputs
+  (x, {'teacher': y}) must not be handed to a call with (x, None)."""
+  from train import executables, mesh as mesh_lib
+  mesh = mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1, 'expert': 1})
+  program = jax.jit(lambda x, frozen: x * 2)
+  x = jnp.ones(3)
+  with_teacher = executables.compile(program.lower(x, {'teacher': jnp.ones(2)}), mesh)
+  without = executables.compile(program.lower(x, None), mesh)
+  assert without is not with_teacher
+  np.testing.assert_array_equal(without(x, None), 2 * x)
+
+
 class FakeDevice:
   def __init__(self, platform, device_kind, process_index=0):
     self.platform, self.device_kind, self.process_index = platform, device_kind, process_index

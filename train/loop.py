@@ -56,7 +56,7 @@ def state_shardings(model: LM, optimizer, mesh, layout: Layout | None = None):
   """The train state's NamedShardings on `mesh`. A parameter dimension that the mesh does not
   divide fails here, before anything compiles."""
   abstract = jax.eval_shape(_init_fn(layout or Layout(model), optimizer, seed=0))
-  for params in (abstract.params, abstract.frozen):  # frozen: a reference model, LoRA's base
+  for params in (abstract.params, abstract.frozen):  # frozen: a reference, LoRA's base, a teacher
     mesh_lib.check_params(params, mesh)
   return mesh_lib.logical_shardings(abstract, mesh)
 
@@ -257,24 +257,31 @@ class Run:
                                                       self.data.tokenizer.vocab_size)
     check_context(self.model_cfg, dc.seq_len, 'data.seq_len')
     self.model = model = LM(self.model_cfg)
+    # The config as the run records it: resolved paths and sizes, the pinned steps.
+    self.config = config = ml_collections.ConfigDict(config.to_dict())
+    config.model.vocab_size = self.model_cfg.vocab_size
+    config.data.path = os.path.abspath(dc.path) if dc.path else ''
+    config.train.init_from = os.path.abspath(tc.init_from) if tc.init_from else ''
+    for field, directory in self.objective.frozen_runs().items():
+      section, key = field.split('.')
+      config[section][key] = os.path.abspath(directory)
+    for field, (step, fingerprint) in pins.items():
+      if step is not None:
+        section, key = field.split('.')
+        config[section][f'{key}_step'], config[section][f'{key}_fingerprint'] = step, fingerprint
+    # Its own checks of the run, and the other runs it reads at their pinned steps (RL's reward
+    # model, distillation's teacher).
+    self.objective.prepare(self)
+    frozen_models = self.objective.frozen_models()
     self.layout = Layout(model, self.objective.head, start, self.objective.reference,
-                         config.lora if config.lora.rank > 0 else None)
+                         config.lora if config.lora.rank > 0 else None,
+                         {name: m for name, (m, _) in frozen_models.items()})
     optimizer = optim.make_optimizer(tc)
     shardings = state_shardings(model, optimizer, self.mesh, self.layout)  # the mesh fits
     if start is not None:  # the started parameters (frozen, trained, or both: Layout), verified
       started = start.params(ckpt_lib.abstract_like(
           nn.unbox(self.layout.started), mesh_lib.logical_shardings(self.layout.started,
                                                                     self.mesh)))
-    # The config as the run records it: resolved paths and sizes, the pinned steps.
-    self.config = config = ml_collections.ConfigDict(config.to_dict())
-    config.model.vocab_size = self.model_cfg.vocab_size
-    config.data.path = os.path.abspath(dc.path) if dc.path else ''
-    config.train.init_from = os.path.abspath(tc.init_from) if tc.init_from else ''
-    for field, (step, fingerprint) in pins.items():
-      if step is not None:
-        section, key = field.split('.')
-        config[section][f'{key}_step'], config[section][f'{key}_fingerprint'] = step, fingerprint
-    self.objective.prepare(self)  # its own checks of the run (RL's reward model, pinned)
 
     # Checked: from here on the run writes.
     if self.chief:
@@ -290,9 +297,14 @@ class Run:
                                num_steps=tc.num_steps)
     if start is not None:
       if self.layout.has_frozen:  # a copy: the trained parameters' buffers are donated
-        self.state = self.state.replace(frozen=jax.tree.map(jnp.copy, started))
+        self.state = self.state.replace(frozen=dict(self.state.frozen,
+                                                    start=jax.tree.map(jnp.copy, started)))
       if not self.layout.rank:
         self.state = self.state.replace(params=union(self.state.params, started))
+    if frozen_models:  # laid out as the state's shardings say
+      self.state = self.state.replace(frozen=dict(self.state.frozen, **{
+          name: jax.device_put(params, shardings.frozen[name])
+          for name, (_, params) in frozen_models.items()}))
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
     restored = self.checkpointer.restore_latest(
         ckpt_lib.abstract_like(self.state.params, shardings.params),

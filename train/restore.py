@@ -31,7 +31,7 @@ class TrainedRun:
   params: dict          # what the model applies (a LoRA run's adapters merged into its base)
   step: int
   mesh: object
-  frozen: Any = None    # the objective's reference parameters (DPO), when it has one
+  frozen: Any = None    # {'start': the frozen starting parameters} (DPO, LoRA), when any
   template: Any = None  # the chat template of a post-trained run (train/chat.py)
   objective: Any = None
   head: str = 'logits'
@@ -85,8 +85,8 @@ def load_run(workdir: str, step: int | None = None,
     checkpointer.close()
   frozen = None
   if layout.has_frozen:
-    frozen = start.params(ckpt_lib.abstract_like(
-        nn.unbox(layout.started), mesh_lib.logical_shardings(layout.started, mesh)))
+    frozen = {'start': start.params(ckpt_lib.abstract_like(
+        nn.unbox(layout.started), mesh_lib.logical_shardings(layout.started, mesh)))}
   return TrainedRun(config, model_cfg, model, tokenizer, layout.model_params(params, frozen),
                     step, mesh, frozen, ChatTemplate.load(f'{workdir}/tokenizer'), objective,
                     objective.head)

@@ -11,11 +11,15 @@
                       adapters (and parameters the start lacks) train; the frozen base is also
                       the reference, so no second copy is held (train/lora.py)
 
-`Layout` says which, and turns (params, frozen) into what the model applies (`model_params`) and
-what an objective's reference is (`frozen` itself). Frozen parameters are never checkpointed:
-they are read from the run they start from whenever the run starts, resumes or is evaluated, at
-the pinned step: a resumed or evaluated run reads the very parameters it started from, or is
-refused in one line.
+  frozen models      other runs' models whose outputs the objective's loss reads (distillation's
+                      teacher, `Objective.frozen_models`), each held whole, under its name
+
+`Layout` says which, and turns (params, frozen) into what the model applies (`model_params`).
+`TrainState.frozen` is a dict by role: 'start' holds the starting parameters kept frozen (DPO's
+reference, LoRA's base), each frozen model its own name; None when there is none. Frozen
+parameters are never checkpointed: they are read from their runs whenever the run starts,
+resumes or is evaluated, at the pinned step: a resumed or evaluated run reads the very
+parameters it started from, or is refused in one line.
 """
 
 from __future__ import annotations
@@ -124,24 +128,30 @@ def union(a, b):
   return traverse_util.unflatten_dict(flat)
 
 
+def abstract_params(model: LM, head: str = 'logits'):
+  """The parameters `model` applies with `head`: their boxed abstract tree, nothing allocated."""
+  return jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 1), jnp.int32), head=head))['params']
+
+
 class Layout:
   """Which parameters of `model` (applied with `head`) train and which are frozen."""
 
   def __init__(self, model: LM, head: str = 'logits', start: StartRun | None = None,
-               reference: bool = False, lora=None):
+               reference: bool = False, lora=None, frozen_models: dict[str, LM] | None = None):
     self.model, self.head, self.start = model, head, start
+    self.frozen_models = dict(frozen_models or {})
     self.rank = int(lora.rank) if lora is not None else 0
     self.lora = lora
     if (reference or self.rank) and start is None:
       raise ConfigError('a reference model and LoRA need the run to start from another: set '
                         'train.init_from (e.g. --init_from=runs/sft)')
-    self.full = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32), head=head))['params']  # boxed
+    self.full = abstract_params(model, head)
     if start is not None:
       self.started, self.new = _split(self.full, start.paths)
     else:
       self.started, self.new = {}, self.full
-    self.has_frozen = bool(self.rank) or reference
+    self.has_frozen = bool(self.rank) or reference  # the started parameters are held frozen
 
   def init_trainable(self, key):
     """The trained parameters at step 0, boxed with logical names (under jit): all of them, or
@@ -156,8 +166,11 @@ class Layout:
     return {'adapters': adapters, 'new': new}
 
   def abstract_frozen(self):
-    """The frozen parameters' boxed abstract tree, or None."""
-    return self.started if self.has_frozen else None
+    """The frozen parameters' boxed abstract tree, {role: parameters}, or None."""
+    frozen = {name: abstract_params(m) for name, m in self.frozen_models.items()}
+    if self.has_frozen:
+      frozen['start'] = self.started
+    return frozen or None
 
   def start_values(self, abstract_started):
     """The started parameters read from the start run (laid out as `abstract_started` says)."""
@@ -167,5 +180,5 @@ class Layout:
     """What the model applies: the trained parameters, or LoRA's merge with the frozen base."""
     if not self.rank:
       return params
-    merged = lora_lib.merge(frozen, params['adapters'], self.rank, float(self.lora.alpha))
+    merged = lora_lib.merge(frozen['start'], params['adapters'], self.rank, float(self.lora.alpha))
     return union(merged, params['new'])

@@ -8,7 +8,8 @@ with aux = {'weight': what the sums are over (tokens, pairs, sequences), 'sums':
 over the batch}, 'layers': the model's per-layer metrics collection}. The step follows the
 gradient of loss_sum / weight and reports each metric as sum / weight ('loss' among them): sums,
 not means, so that micro-batches add up to the full batch exactly. `frozen` holds parameters that
-are not trained (a reference model, LoRA's base), None when there are none.
+are not trained, by role (train/state.py: 'start' for a reference model or LoRA's base, a
+frozen model's name for a teacher), None when there are none.
 
 Batches are dicts of (B, L) arrays, e.g. 'inputs', 'targets' and optionally 'weights' (the loss
 mask: grokking puts weight only on the answer token, SFT on the assistant's tokens). The step's

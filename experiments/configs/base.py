@@ -86,7 +86,7 @@ def get_config() -> ConfigDict:
       keep_checkpoints=3,
       peak_flops=0.0,           # device peak for MFU; 0 measures a matmul at start-up
       init_from='',             # a run directory to start from: its parameters and tokenizer
-      objective='lm',           # lm | sft | reward | dpo | grpo | ppo (train/objectives/)
+      objective='lm',           # lm | sft | reward | dpo | grpo | ppo | distill (objectives/)
   ))
 
   # Post-training (train/objectives/): conversations in a chat template, LoRA, DPO's settings.
@@ -119,6 +119,12 @@ def get_config() -> ConfigDict:
       vf_coef=0.1,               # PPO's value-loss weight
       value_clip=0.2,
   ))
+
+  # Distillation (train/objectives/distill.py): a student learns a frozen teacher run's logits.
+  c.distill = ConfigDict(dict(teacher='',              # the teacher run's work directory
+                              temperature=2.0,         # T: both distributions softened by it
+                              alpha=0.5,               # alpha T^2 KL + (1 - alpha) CE
+                              top_k=0))                # > 0: the teacher's top k logits only
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))  # -1: the remaining devices
   return c

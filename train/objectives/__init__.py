@@ -10,12 +10,14 @@ own, e.g. `experiments.recall.objective:Recall`):
   dpo      direct preference optimisation against the frozen starting model        dpo.py
   grpo     RL from a reward function, group-relative advantages (no critic)        rl.py
   ppo      RLHF: PPO with a value head against a learned reward model               rl.py
+  distill  knowledge distillation: KL to a frozen teacher run's logits, mixed with CE distill.py
 
 The loop owns everything else (mesh, state, checkpoints and exact resume, metrics, progress); it
 asks the objective for its data, its batches and its loss and evaluation functions (see
 `Objective`). A new objective is one module and one line in OBJECTIVES. The table names modules
-rather than importing them: an objective module may read other runs (RL's reward model, through
-train/restore.py, which resolves objectives by name), and nothing registers by being imported.
+rather than importing them: an objective module may read other runs (RL's reward model,
+distillation's teacher, through train/restore.py, which resolves objectives by name), and
+nothing registers by being imported.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ OBJECTIVES: dict[str, str] = {
     'dpo': 'train.objectives.dpo:DPO',
     'grpo': 'train.objectives.rl:GRPO',
     'ppo': 'train.objectives.rl:PPO',
+    'distill': 'train.objectives.distill:Distillation',
 }
 
 

@@ -5,9 +5,12 @@ The loop calls, in this order:
   data(workdir, start)             (tokenizer, train, validation, template), loaded from the work
                                    directory or built in memory; `start` is the run it starts
                                    from (train.init_from) or None
-  prepare(run)                     once the run's model, data and layout are built, before it
-                                   writes anything: what the objective needs of the run, and
-                                   the checks that need it (nothing by default)
+  prepare(run)                     once the run's model and data are built and its config
+                                   recorded (the pinned steps), before its layout and state
+                                   and before it writes anything: what the objective needs of
+                                   the run, and the checks that need it (nothing by default)
+  frozen_models()                  {name: (model, parameters)} of other runs the loss reads
+                                   (distillation's teacher): held in the state's `frozen`
   save(workdir, data)              writes what `data` built (process 0, once every check passed)
   train_dataset(data, p, P)        a grain MapDataset of this process's rows of each batch
   loss_fn(model)                   loss_fn(params, batch, rng, frozen) -> (loss sum, aux), as
@@ -21,7 +24,8 @@ The loop calls, in this order:
                                    summed over eval_batches, then `summarize`d
 
 `head` is the model's output ('logits', or 'scalar' for a reward model), `reference` says
-whether the loss reads the frozen starting parameters (DPO's reference model), and
+whether the loss reads the frozen starting parameters (DPO's reference model, `frozen['start']`),
+and
 `batches_read_params` whether the batches are made from the current parameters (a rollout): the
 loop then makes them after a call's update rather than while the device computes it.
 """
@@ -71,8 +75,15 @@ class Objective:
     return {}
 
   def prepare(self, run) -> None:
-    """What the objective needs of the run (train.loop.Run: model, data, layout, mesh), before
-    the run writes anything."""
+    """What the objective needs of the run (train.loop.Run: config, model, data, mesh), before
+    the run builds its state and writes anything."""
+
+  def frozen_models(self) -> dict[str, tuple[Any, Any]]:
+    """{name: (model, parameters)}: other runs' models whose outputs the loss reads, loaded by
+    `prepare` (distillation's teacher). The loop holds each in the train state's frozen
+    parameters (`frozen[name]` in loss_fn), laid out on the run's mesh: never trained, never
+    checkpointed."""
+    return {}
 
   def steps_per_call(self) -> int:
     return self.config.train.steps_per_call

@@ -74,13 +74,13 @@ class DPO(PreferenceObjective):
     dropout = model.config.dropout > 0
 
     def loss_fn(params, batch, rng, frozen):
-      sums, cols = self._sums(model, params, frozen, batch, rng, dropout)
+      sums, cols = self._sums(model, params, frozen['start'], batch, rng, dropout)
       return pair_loss(sums, cols, batch['valid'])
     return loss_fn
 
   def eval_fn(self, model):
     def eval_fn(params, frozen, batch):
-      sums, _ = self._sums(model, params, frozen, batch)
+      sums, _ = self._sums(model, params, frozen['start'], batch)
       return dict(sums, weight=jnp.sum(batch['valid']))
     return eval_fn
 

@@ -36,8 +36,7 @@ class LanguageModeling(Objective):
           data_lib.check_corpus(path, json.load(f))
       data = Data(*prepared)
     else:
-      tokenizer = start.tokenizer if start is not None else None
-      data = Data(*workdir_lib.build_data(self.config, tokenizer), built=True)
+      data = Data(*workdir_lib.build_data(self.config, self.tokenizer_from(start)), built=True)
       if path and os.path.exists(path):  # a local corpus (not TFDS's catalog)
         self.corpus = data_lib.corpus_identity(path)
     # Each split holds one sequence at least: checked now, not at the first batch or the final
@@ -45,6 +44,11 @@ class LanguageModeling(Objective):
     for name, split in (('the training', data.train), ('the validation', data.validation)):
       data_lib.PackedSequences(split.tokens, self.config.data.seq_len, name)
     return data
+
+  def tokenizer_from(self, start):
+    """The tokenizer a new run encodes its corpus with: the start run's, or None (one is trained
+    on the corpus)."""
+    return start.tokenizer if start is not None else None
 
   def save(self, workdir: str, data: Data) -> None:
     workdir_lib.save_data(workdir, data.tokenizer, data.train, data.validation)

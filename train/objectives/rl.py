@@ -342,7 +342,7 @@ class GRPO(OnPolicy):
     grouped = rewards.reshape(-1, rl.group_size)
     advantages = np.asarray(group_advantages(grouped, rl.scale_rewards)).reshape(-1)
     old = np.asarray(self._log_probs(params, tokens))
-    ref = np.asarray(self._log_probs(state.frozen, tokens))
+    ref = np.asarray(self._log_probs(state.frozen['start'], tokens))
     metrics.update(reward=float(rewards.mean()), reward_std=float(rewards.std()))
     return {'old_logp': old, 'ref_logp': ref, 'advantages': advantages.astype(np.float32),
             'valid': np.ones(len(tokens), np.float32)}
@@ -382,7 +382,7 @@ class PPO(OnPolicy):
   def learning_signal(self, state, params, tokens, mask, texts, records, step, metrics):
     rl = self.config.rl
     old, values = map(np.asarray, self._log_probs_and_values(params, tokens))
-    ref = np.asarray(self._log_probs(state.frozen, tokens))
+    ref = np.asarray(self._log_probs(state.frozen['start'], tokens))
     scores = self.rewards(tokens, mask, texts, records, f'step {step}')
     kl = old - ref  # k1 per token, folded into the reward
     advantages = np.zeros_like(old)
