@@ -40,5 +40,8 @@ setup(
         # tpu extra pins the libtpu built for this jax (0.0.42). Linux only, 213 MB; not in dev,
         # which must install anywhere (CI installs both).
         'tpu': ['jax[tpu]==0.10.2'],
+        # The PyTorch peer of the nanoGPT benchmark (python -m experiments.benchmark.pytorch);
+        # the CPU build. Its tests are skipped without it.
+        'peer': ['torch==2.13.0'],
     },
 )
