@@ -32,7 +32,8 @@ from experiments.benchmark import torch_gpt
 from train import cli
 
 PEER_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'batch_size', 'lr',
-             'beta2', 'weight_decay', 'grad_clip', 'nanogpt_dir', 'threads', 'optimizer',
+             'beta2', 'weight_decay', 'grad_clip', 'nanogpt_dir', 'threads', 'omp_wait_policy',
+             'optimizer',
              'set_to_none', 'sample_batches', 'read_loss', 'matmul_precision',
              'steps_per_timing', 'warmup', 'repeats')
 

@@ -140,7 +140,8 @@ def adamw(model, config):
 def check_config(config) -> None:
   from model.config import ConfigError
   choices = {'optimizer': ('default', 'foreach', 'fused'),
-             'matmul_precision': ('highest', 'high', 'medium')}
+             'matmul_precision': ('highest', 'high', 'medium'),
+             'omp_wait_policy': ('', 'passive', 'active')}
   for key, allowed in choices.items():
     if config[key] not in allowed:
       raise ConfigError(f'config.{key}={config[key]!r}: one of {allowed}')
@@ -186,9 +187,12 @@ def train_steps(config):
 
 
 def measure(config) -> dict:
-  """The peer's row: tokens/s at the median timing, and what was timed."""
-  torch = import_torch()
+  """The peer's row: tokens/s at the median timing, and what was timed. `omp_wait_policy` counts
+  only in a process that has not loaded PyTorch yet (OpenMP reads it once), as the commands'."""
   check_config(config)
+  if config.omp_wait_policy:
+    os.environ['OMP_WAIT_POLICY'] = config.omp_wait_policy
+  torch = import_torch()
   model, step = train_steps(config)
   seconds = []
   for timing in range(config.warmup + config.repeats):
@@ -207,7 +211,7 @@ def measure(config) -> dict:
           'harness': {k: config[k] for k in HARNESS_KEYS}}
 
 
-HARNESS_KEYS = ('threads', 'optimizer', 'set_to_none', 'sample_batches', 'read_loss',
+HARNESS_KEYS = ('threads', 'omp_wait_policy', 'optimizer', 'set_to_none', 'sample_batches', 'read_loss',
                 'matmul_precision', 'steps_per_timing', 'warmup', 'repeats', 'nanogpt_dir')
 
 

@@ -34,6 +34,8 @@ def get_config():
   c.nanogpt_dir = ''            # a nanoGPT checkout: time its model.GPT instead of ours
   # The harness: what one timed step does, and how it is timed.
   c.threads = 2                 # torch.set_num_threads
+  c.omp_wait_policy = ''        # OMP_WAIT_POLICY for PyTorch's OpenMP threads: '' (spin a while,
+                                # then sleep: libgomp's default) | passive | active
   c.optimizer = 'default'       # AdamW: default (nanoGPT on a CPU) | foreach | fused
   c.set_to_none = True          # optimizer.zero_grad(set_to_none=...), as nanoGPT
   c.sample_batches = False      # draw each step's batch from a token array, as train.py does
