@@ -54,8 +54,13 @@ def test_the_head_is_the_token_embedding_and_attention_is_causal():
   assert torch.equal(logits[:, :10], logits_changed[:, :10])  # no position sees its future
   assert not torch.allclose(logits[:, 10:], logits_changed[:, 10:])
   with torch.no_grad():
-    model.token_embedding.weight[5].zero_()
-  assert torch.all(model(idx, idx)[0][..., 5] == 0)  # the head reads the same matrix
+    model.token_embedding.weight[60].zero_()
+  logits, loss = model(idx, idx)
+  assert torch.all(logits[..., 60] == 0)  # the head reads the same matrix...
+  loss.backward()
+  unseen = sorted(set(range(61)) - set(idx.flatten().tolist()))
+  assert unseen  # tokens not in the input: only the head gives their rows a gradient
+  assert torch.all(model.token_embedding.weight.grad[unseen].abs().sum(-1) > 0)  # ... and trains it
 
 
 def test_adamw_decays_the_2d_weights_only_and_the_steps_lower_the_loss():
@@ -81,17 +86,20 @@ def test_measure_times_the_steps_it_runs():
   assert row['params'] == 27_200
   assert len(row['timings_ms_per_step']) == 2
   assert row['tokens_per_s'] == pytest.approx(4 * 16 / (row['step_ms'] / 1e3))
+  assert 0 < row['cpu_ms_per_step'] < 2 * 2 * row['step_ms'] + 5  # at most both threads busy
   assert row['harness']['optimizer'] == 'fused'
 
 
 def test_rounds_are_summarised_as_medians_and_ratios_to_pytorch():
-  rounds = [{'nexttoken': 30.0, 'pytorch': 20.0, 'v': 10.0},
+  rounds = [{'nexttoken': 24.0, 'pytorch': 20.0, 'v': 10.0},
             {'nexttoken': 26.0, 'pytorch': 10.0, 'v': 10.0},
             {'nexttoken': 36.0, 'pytorch': 30.0, 'v': 10.0}]
-  s = pytorch.summarise(rounds)
-  assert s['nexttoken']['median'] == 30.0
-  assert s['nexttoken']['ratio_of_medians'] == 30.0 / 20.0
-  assert s['nexttoken']['median_ratio'] == 1.5  # of 1.5, 2.6 and 1.2
+  s = pytorch.summarise(rounds, {'nexttoken': [None] * 3, 'pytorch': [5.0, 9.0, 6.0],
+                                 'v': [1.0, 2.0, 3.0]})
+  assert s['nexttoken']['cpu_ms_per_step'] is None and s['pytorch']['cpu_ms_per_step'] == 6.0
+  assert s['nexttoken']['median'] == 26.0
+  assert s['nexttoken']['ratio_of_medians'] == 26.0 / 20.0
+  assert s['nexttoken']['median_ratio'] == 1.2  # of 1.2, 2.6 and 1.2
   assert s['v']['median_ratio'] == 0.5
   assert 'round 3' in pytorch.format_table(s)
 

@@ -13,7 +13,8 @@ round runs, each in a fresh process and in an order that rotates from round to r
 - each of `variants`: the PyTorch peer with some harness choices changed.
 
 Prints each round's tokens/s and the median of each entry's rounds, with its ratio to PyTorch's
-median and the median of the per-round ratios; writes DIR/pytorch_benchmark.json, and each run's
+median and the median of the per-round ratios, and each PyTorch entry's median CPU time a step
+(all its threads: less sensitive to other processes than the wall time, and showing spinning); writes DIR/pytorch_benchmark.json, and each run's
 own output under DIR/rounds/<round>/<entry>/. Needs PyTorch (`pip install -e '.[peer]'`).
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,21 +94,24 @@ def run_entry(argv: list[str], workdir: str, result_file: str) -> dict:
     return json.load(f)
 
 
-def tokens_per_s(name: str, result: dict) -> float:
+def entry_rates(name: str, result: dict) -> tuple[float, float | None]:
+  """(tokens/s, CPU ms a step) of an entry's result; nexttoken's benchmark has no CPU time."""
   if name == 'nexttoken':
-    return result['train'][0]['tokens_per_s']
-  return result['tokens_per_s']
+    return result['train'][0]['tokens_per_s'], None
+  return result['tokens_per_s'], result['cpu_ms_per_step']
 
 
-def summarise(rounds: list[dict[str, float]]) -> dict:
+def summarise(rounds: list[dict[str, float]], cpu_ms: dict[str, list] | None = None) -> dict:
   """Per entry: its rounds, their median, the ratio of medians to PyTorch's and the median of the
-  per-round ratios to PyTorch."""
+  per-round ratios to PyTorch; the median CPU ms a step where `cpu_ms` has it."""
   import numpy as np
   names = list(rounds[0])
   out = {}
   for name in names:
     rates = [r[name] for r in rounds]
+    cpu = [c for c in (cpu_ms or {}).get(name, []) if c is not None]
     out[name] = {'tokens_per_s': rates, 'median': float(np.median(rates)),
+                 'cpu_ms_per_step': float(np.median(cpu)) if cpu else None,
                  'ratio_of_medians': float(np.median(rates) /
                                            np.median([r['pytorch'] for r in rounds])),
                  'median_ratio': float(np.median([r[name] / r['pytorch'] for r in rounds]))}
@@ -117,11 +122,12 @@ def format_table(summary: dict) -> str:
   rounds = len(next(iter(summary.values()))['tokens_per_s'])
   width = max(len(n) for n in summary) + 2
   lines = [f'{"tokens/s":<{width}}' + ''.join(f'{f"round {i + 1}":>10}' for i in range(rounds))
-           + f'{"median":>10}{"/ pytorch":>11}{"median of rounds":>18}']
+           + f'{"median":>10}{"/ pytorch":>11}{"median of rounds":>18}{"CPU ms/step":>13}']
   for name, s in summary.items():
+    cpu = '-' if s['cpu_ms_per_step'] is None else f'{s["cpu_ms_per_step"]:.1f}'
     lines.append(f'{name:<{width}}' + ''.join(f'{r:>10,.0f}' for r in s['tokens_per_s'])
                  + f'{s["median"]:>10,.0f}{s["ratio_of_medians"]:>10.2f}x'
-                 f'{s["median_ratio"]:>17.2f}x')
+                 f'{s["median_ratio"]:>17.2f}x{cpu:>13}')
   return '\n'.join(lines)
 
 
@@ -136,19 +142,21 @@ def main(argv):
     raise ConfigError(f'config.rounds={config.rounds} must be at least 1')
   entries = commands(config, workdir)
   names = list(entries)
-  rounds, loads = [], []
+  rounds, loads, cpu_ms = [], [], {name: [] for name in names}
   for r in range(config.rounds):
     order = names[r % len(names):] + names[:r % len(names)]  # rotated: no entry always first
-    rates = {}
+    per_round = {}
     for name in order:
       result_file = 'benchmark.json' if name == 'nexttoken' else 'torch_gpt.json'
-      entry_dir = os.path.join(workdir, 'rounds', str(r + 1), name.replace(' ', '_'))
-      rates[name] = tokens_per_s(name, run_entry(entries[name], entry_dir, result_file))
-      say(f'round {r + 1}: {name} {rates[name]:,.0f} tokens/s')
-    rounds.append({name: rates[name] for name in names})
+      entry_dir = os.path.join(workdir, 'rounds', str(r + 1), re.sub(r'[^\w=.-]+', '_', name))
+      tokens, cpu = entry_rates(name, run_entry(entries[name], entry_dir, result_file))
+      per_round[name] = tokens
+      cpu_ms[name].append(cpu)
+      say(f'round {r + 1}: {name} {tokens:,.0f} tokens/s')
+    rounds.append({name: per_round[name] for name in names})
     loads.append(os.getloadavg()[0])
   say(f'load average (1 min) after each round: {", ".join(f"{l:.1f}" for l in loads)}')
-  summary = summarise(rounds)
+  summary = summarise(rounds, cpu_ms)
   print(format_table(summary))
   with open(os.path.join(workdir, 'pytorch_benchmark.json'), 'w') as f:
     json.dump({'config': config.to_dict(), 'commands': entries, 'entries': summary,

@@ -194,19 +194,23 @@ def measure(config) -> dict:
     os.environ['OMP_WAIT_POLICY'] = config.omp_wait_policy
   torch = import_torch()
   model, step = train_steps(config)
-  seconds = []
+  seconds, cpu_seconds = [], []
   for timing in range(config.warmup + config.repeats):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(config.steps_per_timing):
       loss = step()
     if timing >= config.warmup:  # eager on a CPU: each op has finished when it returns
       seconds.append(time.perf_counter() - start)
+      cpu_seconds.append(time.process_time() - cpu_start)
   step_s = float(np.median(seconds)) / config.steps_per_timing
   return {'model': 'nanoGPT model.py' if config.nanogpt_dir else 'nexttoken torch_gpt',
           'torch': torch.__version__, 'cpu_capability': torch.backends.cpu.get_cpu_capability(),
           'params': sum(p.numel() for p in model.parameters()),
           'tokens_per_s': config.batch_size * config.block_size / step_s,
           'step_ms': 1e3 * step_s, 'final_loss': float(loss.detach()),
+          # The process's CPU time (all its threads, spinning included): what a step costs,
+          # less sensitive than the wall time to other processes on the machine.
+          'cpu_ms_per_step': 1e3 * float(np.median(cpu_seconds)) / config.steps_per_timing,
           'timings_ms_per_step': [1e3 * s / config.steps_per_timing for s in seconds],
           'harness': {k: config[k] for k in HARNESS_KEYS}}
 
@@ -221,7 +225,7 @@ def main(argv):
   row = measure(config)
   print(f'PyTorch {row["torch"]} ({row["cpu_capability"]}), {row["model"]}, '
         f'{row["params"]:,} parameters: {row["tokens_per_s"]:,.0f} tokens/s, '
-        f'{row["step_ms"]:.2f} ms/step')
+        f'{row["step_ms"]:.2f} ms/step, {row["cpu_ms_per_step"]:.2f} CPU ms/step')
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'torch_gpt.json'), 'w') as f:
     json.dump(row, f, indent=1)
