@@ -14,8 +14,9 @@ round runs, each in a fresh process and in an order that rotates from round to r
 
 Prints each round's tokens/s and the median of each entry's rounds, with its ratio to PyTorch's
 median and the median of the per-round ratios, and each PyTorch entry's median CPU time a step
-(all its threads: less sensitive to other processes than the wall time, and showing spinning); writes DIR/pytorch_benchmark.json, and each run's
-own output under DIR/rounds/<round>/<entry>/. Needs PyTorch (`pip install -e '.[peer]'`).
+(all its threads: less sensitive to other processes than the wall time, and showing spinning);
+writes DIR/pytorch_benchmark.json, and each run's own output under DIR/rounds/<round>/<entry>/.
+Needs PyTorch (`pip install -e '.[peer]'`).
 """
 
 from __future__ import annotations

@@ -56,9 +56,9 @@ def gpt(config):
     spec = importlib.util.spec_from_file_location('nanogpt_model', os.path.join(path, 'model.py'))
     nanogpt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nanogpt)
-    return nanogpt.GPT(nanogpt.GPTConfig(block_size=config.block_size, vocab_size=config.vocab_size,
-                         n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                         dropout=0.0, bias=False))
+    return nanogpt.GPT(nanogpt.GPTConfig(
+        block_size=config.block_size, vocab_size=config.vocab_size, n_layer=config.n_layer,
+        n_head=config.n_head, n_embd=config.n_embd, dropout=0.0, bias=False))
   return _model_classes(torch)(config)
 
 
@@ -215,8 +215,9 @@ def measure(config) -> dict:
           'harness': {k: config[k] for k in HARNESS_KEYS}}
 
 
-HARNESS_KEYS = ('threads', 'omp_wait_policy', 'optimizer', 'set_to_none', 'sample_batches', 'read_loss',
-                'matmul_precision', 'steps_per_timing', 'warmup', 'repeats', 'nanogpt_dir')
+HARNESS_KEYS = ('threads', 'omp_wait_policy', 'optimizer', 'set_to_none', 'sample_batches',
+                'read_loss', 'matmul_precision', 'steps_per_timing', 'warmup', 'repeats',
+                'nanogpt_dir')
 
 
 def main(argv):
