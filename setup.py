@@ -40,5 +40,9 @@ setup(
         # tpu extra pins the libtpu built for this jax (0.0.42). Linux only, 213 MB; not in dev,
         # which must install anywhere (CI installs both).
         'tpu': ['jax[tpu]==0.10.2'],
+        # The PyTorch peer of the nanoGPT benchmark (python -m experiments.benchmark.pytorch),
+        # timed in its CPU build: here pip finds torch-2.13.0+cpu in PIP_FIND_LINKS; elsewhere add
+        # --extra-index-url https://download.pytorch.org/whl/cpu. Its tests skip without it.
+        'peer': ['torch==2.13.0'],
     },
 )

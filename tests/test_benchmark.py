@@ -2,6 +2,12 @@
 tokens/s is the tokens the timed program was fed over the time its runs took (a fake clock), and
 MFU is the counting utilities' FLOPs times that rate over the peak."""
 
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 import types
 
@@ -125,3 +131,102 @@ def test_catalog_shapes_match_their_comments():
     assert counts[mamba].non_embedding == pytest.approx(n, rel=0.2)
   assert counts['mamba2_cpu'].non_embedding == pytest.approx(counts['mamba_cpu'].non_embedding,
                                                              rel=0.01)
+
+
+@pytest.mark.slow
+def test_loader_wait_is_the_iterators_time_per_step_after_the_first_call(tmp_path, tfds_dir,
+                                                                         monkeypatch):
+  """experiments/benchmark/loader.py: a BatchIterator made to take 50 ms per batch, and 1 s more
+  on its first call (read before the compile, left out), waits 50 ms a step."""
+  from experiments.benchmark import loader
+  from tests.conftest import run_config
+  from train import data
+  take, calls = data.BatchIterator.next, []
+
+  def slow(iterator, steps):
+    time.sleep(0.05 * steps + (1.0 if not calls else 0.0))
+    calls.append(steps)
+    return take(iterator, steps)
+  monkeypatch.setattr(data.BatchIterator, 'next', slow)
+  config = run_config(tfds_dir, train=dict(num_steps=20, steps_per_call=5, eval_every=0,
+                                           checkpoint_every=0))
+  result = loader.wait_per_step(config, str(tmp_path))
+  assert calls == [5] * 4 and result['calls'] == 4
+  assert result['first_call_ms'] >= 1250
+  assert 50 <= result['ms_per_step'] < 90
+  assert os.listdir(tmp_path) == []  # the scratch run is gone
+
+
+def test_profile_sums_the_innermost_op_events_by_kind():
+  """experiments/benchmark/profile.py on events as jax.profiler's perfetto trace writes them: a
+  `while` thunk holding its body's thunks counts only through them."""
+  from experiments.benchmark import profile
+  def op(name, ts, dur, tid=1, module='jit_multi_step'):
+    return {'ph': 'X', 'tid': tid, 'ts': ts, 'dur': dur, 'name': name,
+            'args': {'hlo_op': name, 'hlo_module': module}}
+  events = [op('while.3', 0, 100), op('dot.1', 1, 30), op('copy_bitcast_fusion.12', 40, 20),
+            op('dot.2', 70, 25), op('dot.7', 200, 10, tid=2), op('ynn_fusion', 300, 5),
+            op('dot.1', 400, 1000, module='jit_other'),  # another program's: left out
+            {'ph': 'X', 'tid': 1, 'ts': 2, 'dur': 1, 'name': 'ThreadpoolListener::Record'}]
+  assert [e['name'] for e in profile.innermost_op_events(events[:5])] == [
+      'dot.1', 'copy_bitcast_fusion.12', 'dot.2', 'dot.7']
+  trace = os.path.join(tempfile.mkdtemp(), 'perfetto_trace.json.gz')
+  with gzip.open(trace, 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  module, kinds = profile.time_by_kind(trace)
+  assert module == 'jit_other'  # the most op time
+  events[-2]['dur'] = 1
+  with gzip.open(trace, 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  module, kinds = profile.time_by_kind(trace)
+  assert module == 'jit_multi_step'
+  assert kinds == {'dot': {'us': 65, 'count': 3}, 'copy_bitcast_fusion': {'us': 20, 'count': 1},
+                   'ynn_fusion': {'us': 5, 'count': 1}}
+
+
+def test_profile_of_a_train_call(tmp_path):
+  """A real trace of the training loop's call at a tiny shape: its op events are the call's
+  matmuls and fusions, within the traced wall time."""
+  from experiments.benchmark import profile
+  from experiments.configs import profile_benchmark
+  config = profile_benchmark.get_config()
+  config.catalog['tiny'] = tiny_shape()
+  config.update(calls=2, steps_per_call=2)
+  result = profile.profile('tiny', config, str(tmp_path / 'trace'))
+  kinds = {r['kind']: r for r in result['kinds']}
+  assert result['module'] == 'jit_multi_step' and result['steps'] == 4
+  # Two layers' projections, MLP and head, forward and backward: many matmuls a step.
+  assert sum(r['per_step'] for k, r in kinds.items() if k.startswith('dot')) >= 12
+  assert sum(r['share'] for r in result['kinds']) == pytest.approx(1.0)
+  assert 0 < result['op_ms_per_step'] < result['wall_ms_per_step_traced']
+  assert 'the rest' in profile.format_table(result, top=3)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_command(*argv) -> None:
+  result = subprocess.run([sys.executable, '-m', *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_loader_and_profile_commands_write_their_results(tmp_path, tfds_dir):
+  run_command('experiments.benchmark.loader', f'--workdir={tmp_path / "loader"}',
+              f'--config.data.tfds_data_dir={tfds_dir}', '--config.model.d_model=32',
+              '--config.model.d_ff=64', '--config.model.pattern=attn*2',
+              '--config.train.num_steps=20', '--config.train.steps_per_call=5',
+              '--config.train.eval_batches=1', '--config.runs=2')
+  saved = json.loads((tmp_path / 'loader' / 'loader_benchmark.json').read_text())
+  assert [r['calls'] for r in saved['runs']] == [4, 4]
+  assert saved['median_ms_per_step'] >= 0
+  shape = '--config.catalog.nanogpt_cpu.'
+  run_command('experiments.benchmark.profile', f'--workdir={tmp_path / "profile"}',
+              '--config.programs=nanogpt_cpu,grokking', '--config.calls=1',
+              '--config.steps_per_call=2', f'{shape}model.d_model=32', f'{shape}model.d_ff=64',
+              f'{shape}model.pattern=attn*2', f'{shape}batch_size=2', f'{shape}seq_len=16')
+  saved = json.loads((tmp_path / 'profile' / 'profile.json').read_text())
+  assert [p['program'] for p in saved['programs']] == ['nanogpt_cpu', 'grokking']
+  assert [p['steps'] for p in saved['programs']] == [2, 10]
+  assert all(any(r['kind'].startswith('dot') for r in p['kinds']) for p in saved['programs'])

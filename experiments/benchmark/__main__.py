@@ -11,8 +11,12 @@ before the clock is read. A train call is the training loop's own compiled call,
 by the loop's builder (`train.loop.train_call`): `steps_per_call` steps as one `lax.scan`.
 
 The package's other commands: `python -m experiments.benchmark.moe` (an MoE against the dense
-model of its active size, trained) and `python -m experiments.benchmark.ssm` (Mamba against
-attention as the length grows).
+model of its active size, trained), `python -m experiments.benchmark.ssm` (Mamba against
+attention as the length grows), `python -m experiments.benchmark.pytorch` (nanogpt_cpu against
+nanoGPT in PyTorch, interleaved; `torch_gpt` is the PyTorch side alone),
+`python -m experiments.benchmark.profile` (where a train call's time goes, from a
+`jax.profiler` trace) and `python -m experiments.benchmark.loader` (the loop's wait for
+batches).
 """
 
 from __future__ import annotations
@@ -47,9 +51,12 @@ def peak_memory_bytes(compiled) -> int:
   return int(compiled.memory_analysis().peak_memory_in_bytes)
 
 
-def bench_train(name: str, shape, steps_per_call: int, repeats: int, peak: float) -> dict:
-  from model import LM, ModelConfig, training_flops_per_token
-  from train import mesh as mesh_lib, optim, perf
+def compiled_train_call(shape, steps_per_call: int):
+  """The training loop's own compiled call (`train.loop.train_call`: `steps_per_call` steps as
+  one `lax.scan`) at `shape`, on random tokens: (call, compiled, compile_s), where call() runs it
+  once, threading the state it donates, and returns the loss."""
+  from model import LM, ModelConfig
+  from train import mesh as mesh_lib, optim
   from train.loop import init_state, train_call
 
   cfg = ModelConfig.from_dict(shape.model)
@@ -69,11 +76,20 @@ def bench_train(name: str, shape, steps_per_call: int, repeats: int, peak: float
   compiled = multi.lower(state, batches).compile()
   compile_s = time.perf_counter() - start
 
-  def call():  # threads the state, which each call donates
+  def call():
     nonlocal state
     state, metrics = compiled(state, batches)
     return metrics['loss']
 
+  return call, compiled, compile_s
+
+
+def bench_train(name: str, shape, steps_per_call: int, repeats: int, peak: float) -> dict:
+  from model import ModelConfig, training_flops_per_token
+  from train import perf
+
+  cfg = ModelConfig.from_dict(shape.model)
+  call, compiled, compile_s = compiled_train_call(shape, steps_per_call)
   step_s = perf.timed(call, repeats=repeats) / steps_per_call
   tokens_per_s = shape.batch_size * shape.seq_len / step_s
   flops = training_flops_per_token(cfg, shape.seq_len)
