@@ -50,8 +50,6 @@ def wait_per_step(config, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  from train.errors import quiet_libraries
-  quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   train_config = config.copy_and_resolve_references()
   with train_config.unlocked():

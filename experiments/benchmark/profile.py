@@ -138,9 +138,7 @@ def format_table(result: dict, top: int) -> str:
 
 def main(argv):
   del argv
-  from train.errors import quiet_libraries
   from train.perf import device_description
-  quiet_libraries()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   results = []
   for name in filter(None, config.programs.split(',')):
