@@ -9,7 +9,7 @@ heads) on tiny shakespeare mixed with lines of repeated random segments, 75% of 
 (experiments/induction/corpus.py), character level, context 64, 2000 steps. Every 50 steps each
 model's heads are scored on 64 sequences of 16 random characters repeated twice and its ICL score
 is measured on 256 held-out contexts (experiments/induction/probe.py). The two-layer model's
-induction head forms at step ~1000 (seeds 0-3: 1050, 1150, 1050, 950); the whole command took
+induction head forms at step ~1000 (seeds 0-3: 1000, 1150, 1050, 950); the whole command took
 2.5 minutes on the shared 2-core CPU at a load of 6 (6 at a load of 8.6). Measured figures and
 plots: docs/induction.md.
 """
