@@ -3,7 +3,7 @@
   python -m experiments.grokking --config=experiments/configs/grokking_nanda2023.py \
       --workdir=runs/grokking_nanda2023
   python -m experiments.grokking --config=experiments/configs/grokking_nanda2023.py:quick \
-      --workdir=runs/nanda_quick          # 70% of the table: QUICK_grokking_nanda2023
+      --workdir=runs/nanda_quick     # memorisation only, 1,000 steps: QUICK_grokking_nanda2023
 
 a + b mod 113, 30% of the 12,769 pairs for training (seeded split), input tokens `a b =`, loss on
 the answer only. One transformer layer: width 128, 4 heads of 32, ReLU MLP of 512, learned
@@ -31,5 +31,6 @@ def get_config(preset=''):
   c.train.update(num_steps=40_000, lr=1e-3, warmup_steps=10, weight_decay=1.0, b1=0.9, b2=0.98,
                  eval_every=100, steps_per_call=1000, stop_after_grok=1.25)
   c.sweep = ConfigDict(dict(train_fractions=(0.3, 0.5, 0.7), weight_decays=(1.0,)))
-  # 70% of the table rather than 30%: it generalises within a few thousand steps, not 10,000.
-  return base.with_preset(c, preset, quick={'task.train_fraction': 0.7, 'train.num_steps': 3000})
+  # The first 1,000 steps: memorised by step ~200, validation accuracy still low (it generalises
+  # near step 10,000: the default's 8.5 minutes).
+  return base.with_preset(c, preset, quick={'train.num_steps': 1000})
