@@ -5,8 +5,9 @@
 
 A config may offer presets, named after a colon (ml_collections passes the text after ':' to
 `get_config`): `--config=experiments/configs/grokking.py:quick`. Every experiment's `quick` preset
-shows its result, in the same files as its default, in about a minute on a 2-core CPU; its
-docstring gives the command and its time (`with_preset`).
+shows its result, in the same files as its default, in a minute or a few on a 2-core CPU; its
+docstring gives the command and the wall time it took on the shared 2-core AMD EPYC (AVX2) at
+the load average given, which other jobs made 3-10 (`with_preset`).
 """
 
 import dataclasses

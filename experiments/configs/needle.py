@@ -4,7 +4,7 @@ each (depth, length), training length and beyond.
   python -m experiments.needle --workdir=runs/needle
   python -m experiments.needle --workdir=DIR --probe_only      # probe a run already in DIR
   python -m experiments.needle --workdir=runs/needle_quick \
-      --config=experiments/configs/needle.py:quick   # 300 steps, 2 lengths: QUICK_needle
+      --config=experiments/configs/needle.py:quick   # 300 steps, 2 lengths: 93 s at a load of 8-11
 
 Two RoPE attention layers of width 64 are trained to find ' The pass key is #482. ' in tiny
 shakespeare and copy its digits after the question (experiments/needle/haystack.py). Measured

@@ -51,12 +51,13 @@ def get_config(preset=''):
       # 500 SFT steps leave the SFT model room (1,000 reach 96% held out: docs/posttrain.md).
       sft=ConfigDict(dict(num_steps=500, lr=3e-4, warmup_steps=20)),
       reward=ConfigDict(dict(num_steps=1000, lr=3e-4, warmup_steps=20)),
-      dpo=ConfigDict(dict(num_steps=150, lr=3e-5, warmup_steps=10, batch_size=16)),
+      dpo=ConfigDict(dict(num_steps=150, lr=3e-5, min_lr=3e-6, warmup_steps=10, batch_size=16)),
       # RL: each step is a rollout of batch_size prompts x rl.group_size answers, then updates.
-      grpo=ConfigDict(dict(num_steps=200, lr=3e-5, warmup_steps=0, schedule='constant',
+      # RL's constant schedule ignores min_lr; 0 keeps it below lr (train.min_lr <= train.lr).
+      grpo=ConfigDict(dict(num_steps=200, lr=3e-5, min_lr=0.0, warmup_steps=0, schedule='constant',
                            batch_size=32, log_every=10, checkpoint_every=50,
                            rl=dict(reward=EXACT_MATCH, accuracy=EXACT_MATCH))),
-      rlhf=ConfigDict(dict(num_steps=100, lr=3e-5, warmup_steps=0, schedule='constant',
+      rlhf=ConfigDict(dict(num_steps=100, lr=3e-5, min_lr=0.0, warmup_steps=0, schedule='constant',
                            batch_size=16, log_every=5, checkpoint_every=20,
                            rl=dict(accuracy=EXACT_MATCH))),  # reward: the reward stage's run
   ))

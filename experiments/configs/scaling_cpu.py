@@ -2,7 +2,7 @@
 
   python -m experiments.scaling --config=experiments/configs/scaling_cpu.py --workdir=/tmp/scaling
   python -m experiments.scaling --config=experiments/configs/scaling_cpu.py:quick \
-      --workdir=/tmp/scaling_quick           # depths 1-3 x 2 budgets, 6 runs: QUICK_scaling_cpu
+      --workdir=/tmp/scaling_quick        # depths 1-4 at 131k characters, 4 runs: QUICK_scaling_cpu
 
 Depths 1..6 at d_model = 16 x depth (head width 16), RoPE, RMSNorm, SwiGLU with F = 4 d_model:
 N from 4.1k to 886k non-embedding parameters (214x). Budgets D of 2^16..2^22 characters (64k to
@@ -41,6 +41,6 @@ def get_config(preset=''):
       tokens=tuple(2 ** k for k in range(16, 23)),
       max_flops=8e11,               # leave out runs above this many training FLOPs; 0: none
   ))
-  # Three sizes at the two smallest budgets: 6 runs, enough for every fit.
-  return base.with_preset(c, preset, quick={
-      'sweep.depths': (1, 2, 3), 'sweep.tokens': (2 ** 16, 2 ** 17)})
+  # Four sizes at one budget, 131k characters: 4 runs, L(N) fitted (no IsoFLOP minima).
+  return base.with_preset(c, preset, quick={'sweep.depths': (1, 2, 3, 4),
+                                            'sweep.tokens': (2 ** 17,)})

@@ -2,7 +2,7 @@
 
   python -m train --config=experiments/configs/shakespeare_char.py --workdir=/tmp/shakespeare
   python -m train --config=experiments/configs/shakespeare_char.py:quick --workdir=/tmp/quick
-      # 300 steps: QUICK_shakespeare_char
+      # 300 steps: 111 s at a load of 3-8
 
 4 layers, 4 heads, width 128, context 64, batch 12, 2000 steps of AdamW (lr 1e-3, 100 warmup steps,
 cosine to 1e-4, beta2 0.99), no dropout. nanoGPT reports validation loss ~1.88 for this shape on a
