@@ -1,10 +1,10 @@
 """What every command line shares: its --workdir and --config flags (`command`, one call from
 each command's `if __name__ == '__main__':` block), a flags parser that reports an unknown
 `--config.x.y` key, an unknown preset (`--config=FILE:quick`) or a missing config file as one
-clear line (config_flags raises a bare AttributeError, OSError or a traceback's text), a check of the --workdir against the command that made it
-(train.workdir.check_command), and running `main` so that wrong input (train.errors.USER_ERRORS)
-ends as one 'error: ...' line and exit status 2. Nothing here imports JAX before the flags are
-parsed: `--help` answers at once."""
+clear line (config_flags raises a bare AttributeError, OSError or a traceback's text), a check
+of the --workdir against the command that made it (train.workdir.check_command), and running
+`main` so that wrong input (train.errors.USER_ERRORS) ends as one 'error: ...' line and exit
+status 2. Nothing here imports JAX before the flags are parsed: `--help` answers at once."""
 
 from __future__ import annotations
 

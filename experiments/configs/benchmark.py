@@ -71,4 +71,5 @@ def get_config(preset: str = '') -> ConfigDict:
       mamba_gpt2_small=_shape(_model(_GPT2_SMALL, pattern='mamba*24'), batch=16, seq_len=1024,
                               contexts=(1024,)),
   ))
-  return base.with_preset(c, preset, quick={'cpu': 'nanogpt_cpu,mamba2_cpu', 'repeats': 2})
+  return base.with_preset(c, preset, quick={'cpu': 'nanogpt_cpu,mamba2_cpu', 'repeats': 2,
+                                            'catalog.nanogpt_cpu.decode_contexts': (256,)})

@@ -74,5 +74,5 @@ def get_config(preset=''):
       'task.num_train': 1_900, 'task.num_test': 100, 'task.num_demonstrations': 600,
       'task.num_rl_prompts': 500, 'task.num_pairs': 1_400, 'sampling.num_prompts': 300,
       'stages.base.num_steps': 400, 'stages.sft.num_steps': 100, 'stages.reward.num_steps': 100,
-      'stages.dpo.num_steps': 20, 'stages.grpo.num_steps': 10, 'stages.rlhf.num_steps': 5,
-      'stages.grpo.checkpoint_every': 10, 'stages.rlhf.checkpoint_every': 5})
+      'stages.dpo.num_steps': 20, 'stages.grpo.num_steps': 10, 'stages.rlhf.num_steps': 6,
+      'stages.grpo.checkpoint_every': 10, 'stages.rlhf.checkpoint_every': 6})
