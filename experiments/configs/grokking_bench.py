@@ -3,7 +3,8 @@ config: a + b mod 113, 30% of the table, width 128.
 
   python -m experiments.grokking.bench --workdir=runs/grokking_bench
   python -m experiments.grokking.bench --workdir=runs/grokking_bench_quick \
-      --config=experiments/configs/grokking_bench.py:quick     # 2 repeats: QUICK_grokking_bench
+      --config=experiments/configs/grokking_bench.py:quick   # 2 repeats
+      # 80 s at a load of 6 (39 CPU s)
 
 Each timed call runs train.steps_per_call full-batch steps; five interleaved repeats, the median
 per case (`repeats`).
