@@ -3,7 +3,8 @@
   python -m experiments.grokking --config=experiments/configs/grokking_nanda2023.py \
       --workdir=runs/grokking_nanda2023
   python -m experiments.grokking --config=experiments/configs/grokking_nanda2023.py:quick \
-      --workdir=runs/nanda_quick     # memorisation only, 1,000 steps: QUICK_grokking_nanda2023
+      --workdir=runs/nanda_quick   # memorisation only, 1,000 steps
+      # 143 s at a load of 4-6 (135 CPU s; memorised at step 200, validation accuracy 1.6%)
 
 a + b mod 113, 30% of the 12,769 pairs for training (seeded split), input tokens `a b =`, loss on
 the answer only. One transformer layer: width 128, 4 heads of 32, ReLU MLP of 512, learned
