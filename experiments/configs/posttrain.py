@@ -3,7 +3,7 @@
   python -m experiments.posttrain --workdir=runs/posttrain
   python -m experiments.posttrain --workdir=runs/posttrain_quick \
       --config=experiments/configs/posttrain.py:quick   # every stage, short
-      # 1,110 s at a load of 8-10 (326 CPU s; accuracies near 0 at these lengths)
+      # 280 s at a load of 4-5; 1,110 s at 8-10 (326 CPU s); accuracies near 0 at these lengths
 
 Every stage is a normal training run in DIR/<stage>/ (resumable; re-running skips the stages
 finished from the same config, experiments/stages.py). The task (experiments/posttrain/task.py):
