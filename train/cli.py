@@ -1,10 +1,10 @@
 """What every command line shares: its --workdir and --config flags (`command`, one call from
 each command's `if __name__ == '__main__':` block), a flags parser that reports an unknown
-`--config.x.y` key or a missing config file as one clear line (config_flags raises a bare
-AttributeError or OSError), a check of the --workdir against the command that made it
-(train.workdir.check_command), and running `main` so that wrong input (train.errors.USER_ERRORS)
-ends as one 'error: ...' line and exit status 2. Nothing here imports JAX before the flags are
-parsed: `--help` answers at once."""
+`--config.x.y` key, an unknown preset (`--config=FILE:quick`) or a missing config file as one
+clear line (config_flags raises a bare AttributeError, OSError or a traceback's text), a check
+of the --workdir against the command that made it (train.workdir.check_command), and running
+`main` so that wrong input (train.errors.USER_ERRORS) ends as one 'error: ...' line and exit
+status 2. Nothing here imports JAX before the flags are parsed: `--help` answers at once."""
 
 from __future__ import annotations
 
@@ -21,16 +21,22 @@ from ml_collections import config_flags
 flags.disclaim_key_flags()
 
 
-def _unknown_config_key(argv: list[str]) -> str | None:
-  """'--config.a.b: config.a has no key 'b'; its keys are [...]' for the first override whose
-  path the --config file does not have, or None when every path exists."""
-  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  if path is None:
+def _config_problem(argv: list[str]) -> str | None:
+  """What is wrong with the --config in `argv`, as one line: its preset's error (a ConfigError of
+  `get_config(preset)`, e.g. an unknown preset), or '--config.a.b: config.a has no key 'b'; its
+  keys are [...]' for the first override whose path the config does not have; None when neither."""
+  value = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if value is None:
     return None
+  path, *preset = value.split(':', 1)  # config_flags passes the text after ':' to get_config
   spec = importlib.util.spec_from_file_location('_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  from model.errors import ConfigError  # the config file has imported JAX already
+  try:
+    config = module.get_config(*preset)
+  except ConfigError as e:
+    return f'--config={value}: {e}'
   for arg in argv:
     if not arg.startswith('--config.'):
       continue
@@ -83,7 +89,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise
   except (AttributeError, KeyError, flags.Error) as e:
     try:
-      message = _unknown_config_key(argv)
+      message = _config_problem(argv)
     except Exception:  # the config file itself is broken: absl's message is the best we have
       message = None
     refuse(message or str(e))

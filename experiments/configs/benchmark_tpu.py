@@ -14,6 +14,8 @@ minutes to compile on a 2-core CPU. (The scaling sweep's runs are checked by its
 
 from ml_collections import ConfigDict
 
+from experiments.configs import base
+
 
 def _case(shape: str, topology: str, batch_size: int, **mesh) -> ConfigDict:
   """`shape`: a name in benchmark.py's catalog; the mesh axes not given are 1."""
@@ -21,7 +23,7 @@ def _case(shape: str, topology: str, batch_size: int, **mesh) -> ConfigDict:
                          mesh=dict(dict(data=1, fsdp=1, tensor=1, expert=1), **mesh)))
 
 
-def get_config() -> ConfigDict:
+def get_config(preset: str = '') -> ConfigDict:
   c = ConfigDict()
   c.cases = ''           # comma-separated names; '' compiles them all
   c.steps_per_call = 10  # train steps per compiled call, as train.steps_per_call
@@ -36,4 +38,4 @@ def get_config() -> ConfigDict:
       mamba_v5e=_case('mamba_gpt2_small', 'v5e:4x4', 64, data=4, fsdp=4),
       mamba_v5p=_case('mamba_gpt2_small', 'v5p:2x2x2', 64, data=2, fsdp=4),
   ))
-  return c
+  return base.with_preset(c, preset)  # no quick preset: each compile takes minutes

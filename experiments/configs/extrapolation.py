@@ -3,6 +3,9 @@ characters of tiny shakespeare, evaluated by position up to 16x that length.
 
   python -m experiments.extrapolation --workdir=runs/extrapolation
   python -m experiments.extrapolation --workdir=runs/extrapolation --config.sweep.schemes=rope,alibi
+  python -m experiments.extrapolation --workdir=runs/extrapolation_quick \
+      --config=experiments/configs/extrapolation.py:quick   # 3 schemes, 200 steps
+      # 243 s at a load of 8-9
 
 Each scheme is a normal training run (train/loop.py) of the same shape: 3 attention layers of
 width 64 (Mamba: 3 Mamba layers of the same width), 4 heads, context 64, 600 steps of batch 32.
@@ -15,7 +18,7 @@ from ml_collections import ConfigDict
 from experiments.configs import base
 
 
-def get_config():
+def get_config(preset=''):
   c = base.get_config()
   c.model.update(d_model=64, num_heads=4, d_ff=172, pattern='attn*3', position='rope',
                  norm='rmsnorm', activation='swiglu', max_len=64, scan_layers=False)
@@ -33,4 +36,8 @@ def get_config():
       rope_scalings=('linear', 'ntk', 'yarn'),  # RoPE stretched at evaluation, s = length / 64
       eval_tokens=65536,           # validation tokens read at each length (the whole split: 0)
   ))
-  return c
+  # RoPE, ALiBi and no positions, to 4x the training length.
+  return base.with_preset(c, preset, quick={
+      'train.num_steps': 200, 'train.checkpoint_every': 200,
+      'sweep.schemes': ('rope', 'alibi', 'none'), 'sweep.lengths': (64, 128, 256),
+      'sweep.rope_scalings': ('yarn',), 'sweep.eval_tokens': 8192})

@@ -3,6 +3,8 @@ each (depth, length), training length and beyond.
 
   python -m experiments.needle --workdir=runs/needle
   python -m experiments.needle --workdir=DIR --probe_only      # probe a run already in DIR
+  python -m experiments.needle --workdir=runs/needle_quick \
+      --config=experiments/configs/needle.py:quick   # 300 steps, 2 lengths: 93 s at a load of 8-11
 
 Two RoPE attention layers of width 64 are trained to find ' The pass key is #482. ' in tiny
 shakespeare and copy its digits after the question (experiments/needle/haystack.py). Measured
@@ -15,7 +17,7 @@ from ml_collections import ConfigDict
 from experiments.configs import base
 
 
-def get_config():
+def get_config(preset=''):
   c = base.get_config()
   c.model.update(d_model=64, num_heads=4, d_ff=172, pattern='attn*2', position='rope',
                  norm='rmsnorm', activation='swiglu', max_len=64, scan_layers=False)
@@ -31,4 +33,6 @@ def get_config():
       num=32,                              # probes per cell
       seed=0,
   ))
-  return c
+  return base.with_preset(c, preset, quick={
+      'train.num_steps': 300, 'train.checkpoint_every': 300, 'probe.lengths': (64, 128),
+      'probe.depths': (0.0, 0.5, 1.0), 'probe.num': 8})

@@ -33,7 +33,7 @@ from ml_collections import ConfigDict
 from experiments.configs import base
 
 
-def get_config():
+def get_config(preset=''):
   c = base.get_config()
   c.model.update(position='rope', norm='rmsnorm', activation='swiglu', dropout=0.0,
                  dtype='bfloat16', scan_layers=True)
@@ -50,4 +50,4 @@ def get_config():
       tokens=(2 ** 27, 2 ** 28, 2 ** 29, 2 ** 30),
       max_flops=0.0,
   ))
-  return c
+  return base.with_preset(c, preset)  # no quick preset: --dry_run sizes the grid

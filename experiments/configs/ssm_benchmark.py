@@ -3,6 +3,9 @@
 
   python -m experiments.benchmark.ssm --workdir=runs/ssm_benchmark
   python -m experiments.benchmark.ssm --workdir=runs/ssm_short --config.lengths=256,512,1024
+  python -m experiments.benchmark.ssm --workdir=runs/ssm_quick \
+      --config=experiments/configs/ssm_benchmark.py:quick   # to 1024, 1 repeat
+      # 134 s at a load of 6-10 (72 CPU s)
 
 The blocks are `model.blocks.Block` without a feed-forward, built from `model` (width 256, 4 heads
 of 64 for attention; Mamba at its defaults: N = 16, Din = 2 D, conv 4, parallel scan in chunks of
@@ -16,7 +19,7 @@ from ml_collections import ConfigDict
 from experiments.configs import base
 
 
-def get_config():
+def get_config(preset=''):
   c = ConfigDict()
   c.model = base.model_config(d_model=256, num_heads=4, vocab_size=1, max_len=8192)
   c.model.mamba2.d_state = 64
@@ -24,4 +27,4 @@ def get_config():
   c.batch = 1
   c.lengths = (256, 512, 1024, 2048, 4096, 8192)
   c.repeats = 3                 # timed calls per measurement, after one warm-up call
-  return c
+  return base.with_preset(c, preset, quick={'lengths': (256, 512, 1024), 'repeats': 1})
