@@ -15,18 +15,14 @@ measured figures and the wall time on a 2-core CPU are in docs/long_context.md.
 
 from ml_collections import ConfigDict
 
-from experiments.configs import base
+from experiments.configs import base, shakespeare_char
 
 
 def get_config(preset=''):
-  c = base.get_config()
-  c.model.update(d_model=64, num_heads=4, d_ff=172, pattern='attn*3', position='rope',
-                 norm='rmsnorm', activation='swiglu', max_len=64, scan_layers=False)
-  c.data.update(path=base.TINY_SHAKESPEARE, tfds_fallback='tiny_shakespeare', tokenizer='char',
-                seq_len=64)
+  c = shakespeare_char.get_config()  # its corpus, tokenizer, context, block and optimizer
+  c.model.update(d_model=64, d_ff=172, pattern='attn*3', max_len=64)
   c.train.update(num_steps=600, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=50,
-                 schedule='cosine', b2=0.99, weight_decay=0.1, grad_clip=1.0, steps_per_call=50,
-                 log_every=100, eval_every=0, eval_batches=8, checkpoint_every=600,
+                 steps_per_call=50, log_every=100, eval_every=0, checkpoint_every=600,
                  keep_checkpoints=1)
   c.sweep = ConfigDict(dict(
       schemes=('rope', 'alibi', 'sinusoidal', 'learned', 'none', 'mamba'),
