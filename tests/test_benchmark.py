@@ -230,3 +230,38 @@ def test_the_loader_and_profile_commands_write_their_results(tmp_path, tfds_dir)
   assert [p['program'] for p in saved['programs']] == ['nanogpt_cpu', 'grokking']
   assert [p['steps'] for p in saved['programs']] == [2, 10]
   assert all(any(r['kind'].startswith('dot') for r in p['kinds']) for p in saved['programs'])
+
+
+def tiny_variants_config() -> ConfigDict:
+  from experiments.configs import variants_benchmark
+  c = variants_benchmark.get_config()
+  c.update(rounds=2, repeats=1)
+  c.mlp.update(rows=5, d_model=4, d_ff=8, lengths=(1, 3))
+  tiny = tiny_shape(num_kv_heads=2).model
+  c.clip.model = c.attention.model = tiny
+  c.attention.update(batch=2, seq_len=8)
+  return c
+
+
+def test_each_variants_two_forms_compute_the_same_and_the_results_hold_their_rows(tmp_path):
+  import jax
+
+  from experiments.benchmark import variants
+
+  c = tiny_variants_config()
+  for name in variants.VARIANTS:
+    for case, programs in variants.VARIANTS[name](c):
+      first, second = [fn(*args) for fn, args in programs.values()]
+      for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f'{name}: {case}')
+      if name == 'clip_norm':  # the random gradient is far above the threshold: clipped to it
+        norm = np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(first)))
+        assert norm == pytest.approx(c.clip.grad_clip, rel=1e-5)
+  variants.run(c, str(tmp_path))
+  saved = json.loads((tmp_path / 'variants_benchmark.json').read_text())
+  assert [(r['variant'], r['forms']) for r in saved['rows']] == [
+      ('mlp_layout', ['3d', '2d']), ('mlp_layout', ['3d', '2d']), ('clip_norm', ['optax', 'vdot']),
+      ('attention', ['einsum', 'xla'])]
+  for r in saved['rows']:
+    assert all(len(ms) == 2 and min(ms) > 0 for ms in r['ms'].values())
+    assert r['ratio'] == pytest.approx(r['median_ms'][r['forms'][0]] / r['median_ms'][r['forms'][1]])

@@ -36,6 +36,7 @@ QUICK = {
     'moe_benchmark': ('experiments.benchmark.moe', ('moe_benchmark.json',)),
     'ssm_benchmark': ('experiments.benchmark.ssm', ('ssm_benchmark.json', 'ssm_benchmark.png')),
     'grokking_bench': ('experiments.grokking.bench', ('grokking_bench.json',)),
+    'variants_benchmark': ('experiments.benchmark.variants', ('variants_benchmark.json',)),
 }
 # Configs without one: base (what the others start from) and the TPU ones, whose work is compiling
 # for a slice (minutes a shape) or a dry run that already takes no training.
