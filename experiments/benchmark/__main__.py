@@ -15,8 +15,9 @@ model of its active size, trained), `python -m experiments.benchmark.ssm` (Mamba
 attention as the length grows), `python -m experiments.benchmark.pytorch` (nanogpt_cpu against
 nanoGPT in PyTorch, interleaved; `torch_gpt` is the PyTorch side alone),
 `python -m experiments.benchmark.profile` (where a train call's time goes, from a
-`jax.profiler` trace) and `python -m experiments.benchmark.loader` (the loop's wait for
-batches).
+`jax.profiler` trace), `python -m experiments.benchmark.loader` (the loop's wait for
+batches) and `python -m experiments.benchmark.variants` (one-off variants of a computation, each
+in two forms that compute the same thing).
 """
 
 from __future__ import annotations

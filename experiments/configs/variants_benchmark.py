@@ -1,9 +1,11 @@
-"""One-off variants, each in two forms that compute the same thing (experiments/benchmark/variants.py):
+"""One-off variants, each in two forms that compute the same thing
+(experiments/benchmark/variants.py):
 
-  python -m experiments.benchmark.variants --workdir=runs/variants
-  python -m experiments.benchmark.variants --workdir=runs/variants --config.variants=mlp_layout
+  python -m experiments.benchmark.variants --workdir=runs/variants   # 30 s at a load of 4-5
+  python -m experiments.benchmark.variants --workdir=runs/variants_mlp --config.variants=mlp_layout
   python -m experiments.benchmark.variants --workdir=runs/variants_quick \
       --config=experiments/configs/variants_benchmark.py:quick   # 1 round of 2 calls
+      # 21 s at a load of 2-3 (19 CPU s)
 
 - mlp_layout: the Nanda grokking MLP (128 -> 512 -> 128) on its full batch of 3,831 rows, at
   lengths 1 and 3 (its 3-token `a b =` sequences);
