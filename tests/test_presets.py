@@ -38,9 +38,12 @@ QUICK = {
     'grokking_bench': ('experiments.grokking.bench', ('grokking_bench.json',)),
     'variants_benchmark': ('experiments.benchmark.variants', ('variants_benchmark.json',)),
 }
-# Configs without one: base (what the others start from) and the TPU ones, whose work is compiling
-# for a slice (minutes a shape) or a dry run that already takes no training.
-WITHOUT = {'base', 'benchmark_tpu', 'scaling_tpu'}
+# Configs without one: base (what the others start from), the TPU ones, whose work is compiling
+# for a slice (minutes a shape) or a dry run that already takes no training, the benchmarks of
+# one figure each whose defaults take a few minutes (loader, profile, PyTorch peer), and the
+# distillation student, a shakespeare_char recipe trained against a teacher run.
+WITHOUT = {'base', 'benchmark_tpu', 'scaling_tpu', 'loader_benchmark', 'profile_benchmark',
+           'pytorch_benchmark', 'shakespeare_char_student'}
 
 
 def config_names() -> list[str]:

@@ -6,11 +6,11 @@ The shakespeare_char recipe (experiments/configs/shakespeare_char.py) cut to 200
 compiled call, trained `runs` times.
 """
 
-from experiments.configs import shakespeare_char
+from experiments.configs import base, shakespeare_char
 
 
-def get_config():
+def get_config(preset=''):
   c = shakespeare_char.get_config()
   c.train.num_steps = 200
   c.runs = 3  # training runs, one after the other; each gives its own figure
-  return c
+  return base.with_preset(c, preset)

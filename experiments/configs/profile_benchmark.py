@@ -7,10 +7,10 @@
 `grokking`: the Nanda et al. config's scanned call (experiments/configs/grokking_bench.py).
 """
 
-from experiments.configs import benchmark
+from experiments.configs import base, benchmark
 
 
-def get_config():
+def get_config(preset=''):
   c = benchmark.get_config()
   for key in ('shapes', 'cpu', 'accelerator', 'repeats', 'decode'):
     del c[key]
@@ -18,4 +18,4 @@ def get_config():
   c.calls = 3                 # traced calls, after one untraced warm-up call
   c.steps_per_call = 10       # train steps per call (grokking: its config's train.steps_per_call)
   c.top = 12                  # op kinds listed one by one; the others are summed as "the rest"
-  return c
+  return base.with_preset(c, preset)

@@ -17,8 +17,10 @@ The shape is nanoGPT's README recipe for a CPU (`train.py config/train_shakespea
 
 from ml_collections import ConfigDict
 
+from experiments.configs import base
 
-def get_config():
+
+def get_config(preset=''):
   c = ConfigDict()
   # The model: nanoGPT's GPT at the recipe's shape.
   c.n_layer = 4
@@ -48,4 +50,4 @@ def get_config():
   c.rounds = 3                  # each round runs every entry once, each in a fresh process
   c.nexttoken_repeats = 20      # python -m experiments.benchmark --config.repeats
   c.variants = ''               # more PyTorch entries: ';'-separated sets of 'key=value ...'
-  return c
+  return base.with_preset(c, preset)

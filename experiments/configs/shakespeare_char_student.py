@@ -13,11 +13,11 @@ parameters against the teacher's 800,000. Distillation at temperature 2, alpha 0
 same steps. docs/training.md gives the measured validation losses and the time on 2 cores.
 """
 
-from experiments.configs import shakespeare_char
+from experiments.configs import base, shakespeare_char
 
 
-def get_config():
+def get_config(preset=''):
   c = shakespeare_char.get_config()
   c.model.update(d_model=64, d_ff=172)
   c.train.objective = 'distill'
-  return c
+  return base.with_preset(c, preset)
