@@ -220,13 +220,18 @@ HARNESS_KEYS = ('threads', 'omp_wait_policy', 'optimizer', 'set_to_none', 'sampl
                 'nanogpt_dir')
 
 
+def describe(row: dict) -> str:
+  """One line: what was timed and how fast."""
+  return (f'PyTorch {row["torch"]} ({row["cpu_capability"]}), {row["model"]}, '
+          f'{row["params"]:,} parameters: {row["tokens_per_s"]:,.0f} tokens/s, '
+          f'{row["step_ms"]:.2f} ms/step, {row["cpu_ms_per_step"]:.2f} CPU ms/step')
+
+
 def main(argv):
   del argv
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  row = measure(config)
-  print(f'PyTorch {row["torch"]} ({row["cpu_capability"]}), {row["model"]}, '
-        f'{row["params"]:,} parameters: {row["tokens_per_s"]:,.0f} tokens/s, '
-        f'{row["step_ms"]:.2f} ms/step, {row["cpu_ms_per_step"]:.2f} CPU ms/step')
+  workdir = flags.FLAGS.workdir
+  row = measure(flags.FLAGS.config)
+  print(describe(row))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'torch_gpt.json'), 'w') as f:
     json.dump(row, f, indent=1)
