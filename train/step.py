@@ -59,24 +59,32 @@ def aux_loss_sum(cols) -> jax.Array:
   return sum((jnp.sum(x) for x in jax.tree.leaves(cols.get(AUX_LOSS, {}))), jnp.float32(0))
 
 
-def make_loss_fn(model: nn.Module, dropout: bool, last_only: bool = False):
-  """The language-modelling loss: the summed cross-entropy of the weighted targets, plus the
-  layers' auxiliary losses per token. With `last_only` the loss is the last position's alone
-  (answer-only tasks such as grokking's `a b =` -> `c`), and the model computes no more than that
-  position needs (`LM(last_only)`)."""
+def cross_entropy_sums(logits_BxLxV, batch, weights_BxL, frozen):
+  """Language modelling's loss: the summed cross-entropy of the weighted targets, as
+  (loss sum, {metric: sum})."""
+  del frozen
+  ce_sum = jnp.sum(token_losses(logits_BxLxV, batch['targets']) * weights_BxL)
+  return ce_sum, {'loss': ce_sum}
+
+
+def make_loss_fn(model: nn.Module, dropout: bool, last_only: bool = False,
+                 loss_sums: Callable = cross_entropy_sums):
+  """A loss over the model's logits (`loss_sums(logits, batch, weights, frozen)` -> (loss sum,
+  {metric: sum}); by default the cross-entropy), plus the layers' auxiliary losses per token.
+  With `last_only` the loss is the last position's alone (answer-only tasks such as grokking's
+  `a b =` -> `c`), and the model computes no more than that position needs (`LM(last_only)`)."""
   def loss_fn(params, batch, rng, frozen=None):
-    del frozen
     logits, cols = model.apply(
         {'params': params}, batch['inputs'], deterministic=not dropout, last_only=last_only,
         rngs={'dropout': rng} if dropout else {}, mutable=[AUX_LOSS, METRICS])
     if last_only:
       batch = {k: v[:, -1:] for k, v in batch.items() if k in ('targets', 'weights')}
     w = weights(batch)
-    ce_sum = jnp.sum(token_losses(logits, batch['targets']) * w)
+    loss_sum, sums = loss_sums(logits, batch, w, frozen)
     tokens = jnp.sum(w)
     aux_sum = aux_loss_sum(cols) * tokens
-    return ce_sum + aux_sum, {'weight': tokens, 'sums': {'loss': ce_sum, 'aux_loss': aux_sum},
-                              'layers': cols.get(METRICS, {})}
+    return loss_sum + aux_sum, {'weight': tokens, 'sums': {**sums, 'aux_loss': aux_sum},
+                                'layers': cols.get(METRICS, {})}
   return loss_fn
 
 

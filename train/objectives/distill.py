@@ -31,7 +31,6 @@ import flax.linen as nn
 from flax import traverse_util
 
 from model import LM
-from model.blocks import AUX_LOSS, METRICS
 from model.config import ConfigError, check_context
 from train import step as step_lib, tokenizers, workdir as workdir_lib
 from train.objectives.lm import LanguageModeling
@@ -118,21 +117,14 @@ class Distillation(LanguageModeling):
 
   def loss_fn(self, model):
     dc, teacher_model = self.config.distill, self.teacher_model
-    dropout = model.config.dropout > 0
 
-    def loss_fn(params, batch, rng, frozen):
-      logits, cols = model.apply(
-          {'params': params}, batch['inputs'], deterministic=not dropout,
-          rngs={'dropout': rng} if dropout else {}, mutable=[AUX_LOSS, METRICS])
+    def distillation_sums(logits, batch, w, frozen):
       teacher_logits = jax.lax.stop_gradient(teacher_model.apply(
           {'params': jax.lax.stop_gradient(frozen['teacher'])}, batch['inputs']))
-      w = step_lib.weights(batch)
       kd_sum = jnp.sum(kd_losses(logits, teacher_logits, dc.temperature, dc.top_k) * w)
       ce_sum = jnp.sum(step_lib.token_losses(logits, batch['targets']) * w)
       loss_sum = dc.alpha * kd_sum + (1.0 - dc.alpha) * ce_sum
-      tokens = jnp.sum(w)
-      aux_sum = step_lib.aux_loss_sum(cols) * tokens
-      return loss_sum + aux_sum, {
-          'weight': tokens, 'layers': cols.get(METRICS, {}),
-          'sums': {'loss': loss_sum, 'kd_loss': kd_sum, 'ce_loss': ce_sum, 'aux_loss': aux_sum}}
-    return loss_fn
+      return loss_sum, {'loss': loss_sum, 'kd_loss': kd_sum, 'ce_loss': ce_sum}
+
+    return step_lib.make_loss_fn(model, dropout=model.config.dropout > 0,
+                                 loss_sums=distillation_sums)
