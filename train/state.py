@@ -172,10 +172,6 @@ class Layout:
       frozen['start'] = self.started
     return frozen or None
 
-  def start_values(self, abstract_started):
-    """The started parameters read from the start run (laid out as `abstract_started` says)."""
-    return self.start.params(abstract_started)
-
   def model_params(self, params, frozen):
     """What the model applies: the trained parameters, or LoRA's merge with the frozen base."""
     if not self.rank:
